@@ -1,0 +1,43 @@
+// One sequence's cached keys and values, every layer, float32, on the host.
+//
+// Positions [0, length()) are committed. A forward over a chunk at positions
+// [length(), length() + n) writes the chunk's K/V right after them; committing (a prefill chunk, a
+// finished block's refresh) advances length(), otherwise (a denoising step) the next forward
+// overwrites them. Not thread-safe: one forward uses a cache at a time.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "model/config.h"
+
+namespace moeserve {
+
+class KvCache {
+ public:
+  explicit KvCache(const ModelConfig& config);
+
+  int64_t length() const { return length_; }
+  int64_t kv_size() const { return kv_size_; }
+  // Makes room for positions [0, num_positions) in every layer.
+  void Reserve(int64_t num_positions);
+  // Marks positions [0, new_length) committed; new_length must be within the reserved room.
+  void Commit(int64_t new_length) { length_ = new_length; }
+  // Drops everything (the sequence is done).
+  void Clear();
+  // [capacity, kv_size] of layer `layer`.
+  float* keys(int64_t layer) { return keys_[layer].data(); }
+  float* values(int64_t layer) { return values_[layer].data(); }
+  int64_t capacity() const { return capacity_; }
+  // Bytes held.
+  int64_t bytes() const { return 2 * static_cast<int64_t>(keys_.size()) * capacity_ * kv_size_ * 4; }
+
+ private:
+  int64_t kv_size_;
+  int64_t length_ = 0;
+  int64_t capacity_ = 0;
+  std::vector<std::vector<float>> keys_;    // [num_layers][capacity * kv_size]
+  std::vector<std::vector<float>> values_;  // [num_layers][capacity * kv_size]
+};
+
+}  // namespace moeserve

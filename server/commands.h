@@ -1,0 +1,15 @@
+// The commands of the moeserve binary. Each returns the process exit code.
+#pragma once
+
+#include <signal.h>
+
+namespace moeserve {
+
+// Loads the model and serves until SIGINT or SIGTERM (which the caller has blocked in `signals`).
+int RunServe(const sigset_t& signals);
+// Checks --model_dir against --golden_dir; exits non-zero when any case is out of tolerance.
+int RunVerify();
+// Writes a random-weight checkpoint.
+int RunWriteCheckpoint();
+
+}  // namespace moeserve
