@@ -30,14 +30,16 @@ std::string HostTensor::DebugString() const {
 }
 
 MatrixView AsMatrix(const HostTensor& tensor) {
-  return {tensor.dtype(), tensor.raw(), tensor.dim(0), tensor.shape().size() > 1 ? tensor.dim(1) : 1};
+  return {tensor.dtype(), tensor.raw(), tensor.dim(0),
+          tensor.shape().size() > 1 ? tensor.dim(1) : 1};
 }
 
 MatrixView AsMatrix(const HostTensor& tensor, int64_t index) {
   const int64_t rows = tensor.dim(1), cols = tensor.dim(2);
-  return {tensor.dtype(),
-          static_cast<const std::byte*>(tensor.raw()) + index * rows * cols * DTypeSize(tensor.dtype()),
-          rows, cols};
+  return {
+      tensor.dtype(),
+      static_cast<const std::byte*>(tensor.raw()) + index * rows * cols * DTypeSize(tensor.dtype()),
+      rows, cols};
 }
 
 }  // namespace moeserve

@@ -43,11 +43,13 @@ absl::Status OpenCheckpointFiles(const std::string& dir,
   std::error_code ec;
   if (!fs::exists(index_path, ec)) {
     if (!fs::exists(single_path, ec)) {
-      return absl::NotFoundError(absl::StrCat(
-          "no checkpoint in ", dir, ": neither model.safetensors nor model.safetensors.index.json"));
+      return absl::NotFoundError(
+          absl::StrCat("no checkpoint in ", dir,
+                       ": neither model.safetensors nor model.safetensors.index.json"));
     }
     ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(single_path.string()));
-    for (const SafetensorsTensor& t : file->tensors()) sources->emplace(t.name, Source{file.get(), &t});
+    for (const SafetensorsTensor& t : file->tensors())
+      sources->emplace(t.name, Source{file.get(), &t});
     files->push_back(std::move(file));
     return absl::OkStatus();
   }
@@ -72,15 +74,16 @@ absl::Status OpenCheckpointFiles(const std::string& dir,
     }
     const std::string shard = it.value().get<std::string>();
     if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..") {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": weight_map[\"", it.key(), "\"] = \"", shard, "\" is not a file name in ", dir));
+      return absl::InvalidArgumentError(absl::StrCat(where, ": weight_map[\"", it.key(), "\"] = \"",
+                                                     shard, "\" is not a file name in ", dir));
     }
     auto found = shards.find(shard);
     if (found == shards.end()) {
       auto opened = SafetensorsFile::Open((fs::path(dir) / shard).string());
       if (!opened.ok()) {
-        return absl::Status(opened.status().code(),
-                            absl::StrCat(where, " lists shard \"", shard, "\": ", opened.status().message()));
+        return absl::Status(
+            opened.status().code(),
+            absl::StrCat(where, " lists shard \"", shard, "\": ", opened.status().message()));
       }
       files->push_back(std::move(opened).value());
       found = shards.emplace(shard, files->back().get()).first;
@@ -138,7 +141,8 @@ uint64_t HashName(const std::string& name) {
 
 }  // namespace
 
-absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir, const ModelConfig& config) {
+absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir,
+                                                   const ModelConfig& config) {
   std::vector<std::unique_ptr<SafetensorsFile>> files;
   std::map<std::string, Source, std::less<>> sources;
   RETURN_IF_ERROR(OpenCheckpointFiles(dir, &files, &sources));
@@ -152,8 +156,8 @@ absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir, const
     seen[b.name] = true;
     auto it = sources.find(b.name);
     if (it == sources.end()) {
-      problems.push_back(absl::StrCat("missing tensor \"", b.name, "\" (expected ", b.disk_dtype, " ",
-                                      ShapeString(b.shape), ")"));
+      problems.push_back(absl::StrCat("missing tensor \"", b.name, "\" (expected ", b.disk_dtype,
+                                      " ", ShapeString(b.shape), ")"));
       continue;
     }
     const SafetensorsTensor& t = *it->second.tensor;
@@ -178,9 +182,10 @@ absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir, const
     constexpr size_t kShown = 20;
     const size_t total = problems.size();
     if (total > kShown) problems.resize(kShown);
-    return absl::InvalidArgumentError(absl::StrCat(
-        "checkpoint ", dir, " does not match its config (", total, " problem", total == 1 ? "" : "s",
-        total > kShown ? absl::StrCat(", first ", kShown) : "", "):\n  ", absl::StrJoin(problems, "\n  ")));
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint ", dir, " does not match its config (", total, " problem",
+                     total == 1 ? "" : "s", total > kShown ? absl::StrCat(", first ", kShown) : "",
+                     "):\n  ", absl::StrJoin(problems, "\n  ")));
   }
 
   const DType matrix_dtype = all_matrices_bf16 ? DType::kBF16 : DType::kF32;
@@ -209,11 +214,13 @@ absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir, const
     if (total_bytes < (uint64_t{1} << 30)) continue;
     const int decile = static_cast<int>(10 * done / std::max<uint64_t>(total_bytes, 1));
     int expected_report = next_report.load();
-    if (decile >= expected_report && next_report.compare_exchange_strong(expected_report, decile + 1)) {
+    if (decile >= expected_report &&
+        next_report.compare_exchange_strong(expected_report, decile + 1)) {
       std::lock_guard<std::mutex> lock(log_mu);
-      const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      MOESERVE_LOG(INFO) << absl::StrFormat("loaded %.2f / %.2f GB (%d%%) in %.1f s, %.2f GB/s", done / 1e9,
-                                            total_bytes / 1e9, 10 * decile, seconds,
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      MOESERVE_LOG(INFO) << absl::StrFormat("loaded %.2f / %.2f GB (%d%%) in %.1f s, %.2f GB/s",
+                                            done / 1e9, total_bytes / 1e9, 10 * decile, seconds,
                                             done / 1e9 / std::max(seconds, 1e-9));
     }
   }
@@ -259,14 +266,16 @@ absl::Status WriteCheckpoint(const std::string& dir, const ModelConfig& config,
   if (options.num_shards < 1) return absl::InvalidArgumentError("num_shards must be >= 1");
   std::error_code ec;
   fs::create_directories(dir, ec);
-  if (ec) return absl::PermissionDeniedError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+  if (ec)
+    return absl::PermissionDeniedError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
   {
     std::ofstream out(fs::path(dir) / "config.json");
     out << ModelConfigToJson(config) << "\n";
     if (!out) return absl::DataLossError(absl::StrCat("cannot write ", dir, "/config.json"));
   }
   // Gather every tensor back into its checkpoint form (the reverse of loading).
-  std::vector<TensorBinding> bindings = BindCheckpointTensors(config, const_cast<ModelWeights*>(&weights));
+  std::vector<TensorBinding> bindings =
+      BindCheckpointTensors(config, const_cast<ModelWeights*>(&weights));
   std::vector<std::vector<std::byte>> buffers(bindings.size());
   uint64_t total_bytes = 0;
   for (size_t i = 0; i < bindings.size(); ++i) {
@@ -294,8 +303,9 @@ absl::Status WriteCheckpoint(const std::string& dir, const ModelConfig& config,
   Json weight_map = Json::object();
   size_t next = 0;
   for (int s = 0; s < shards; ++s) {
-    const std::string name = shards == 1 ? "model.safetensors"
-                                         : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards);
+    const std::string name = shards == 1
+                                 ? "model.safetensors"
+                                 : absl::StrFormat("model-%05d-of-%05d.safetensors", s + 1, shards);
     std::vector<SafetensorsWriteEntry> entries;
     uint64_t bytes = 0;
     while (next < bindings.size() && (s == shards - 1 || bytes < per_shard)) {

@@ -16,7 +16,8 @@ namespace moeserve {
 // into the compute layout for `config`. Every tensor's name, dtype (BF16, F16, F32) and shape is
 // checked against the config first; missing, unexpected, mis-shaped or wrongly typed tensors are
 // reported together (which tensor, which file, expected vs found). Logs progress.
-absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir, const ModelConfig& config);
+absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir,
+                                                   const ModelConfig& config);
 
 // Random weights of `config`'s shape, built in memory. Values are BF16-representable, drawn from a
 // counter-based generator keyed by (seed, tensor name, element), so they do not depend on thread

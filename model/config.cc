@@ -23,7 +23,8 @@ absl::Status KeyError(absl::string_view key, const Json& value, absl::string_vie
 absl::Status ReadInt(const Json& j, absl::string_view key, bool required, int64_t* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
-    if (required) return absl::InvalidArgumentError(absl::StrCat("config.json: missing key \"", key, "\""));
+    if (required)
+      return absl::InvalidArgumentError(absl::StrCat("config.json: missing key \"", key, "\""));
     return absl::OkStatus();
   }
   if (it->is_number_integer() || it->is_number_unsigned()) {
@@ -44,7 +45,8 @@ absl::Status ReadInt(const Json& j, absl::string_view key, bool required, int64_
 absl::Status ReadDouble(const Json& j, absl::string_view key, bool required, double* out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
-    if (required) return absl::InvalidArgumentError(absl::StrCat("config.json: missing key \"", key, "\""));
+    if (required)
+      return absl::InvalidArgumentError(absl::StrCat("config.json: missing key \"", key, "\""));
     return absl::OkStatus();
   }
   if (!it->is_number()) return KeyError(key, *it, "expected a number");
@@ -95,10 +97,12 @@ absl::Status ValidateModelConfig(const ModelConfig& c) {
     return KeyError("rms_norm_eps", Json(c.rms_norm_eps), "must be in (0, 1)");
   }
   if (c.first_k_dense_replace < 0 || c.first_k_dense_replace > c.num_hidden_layers) {
-    return KeyError("first_k_dense_replace", Json(c.first_k_dense_replace),
-                    absl::StrCat("must be within [0, num_hidden_layers = ", c.num_hidden_layers, "]"));
+    return KeyError(
+        "first_k_dense_replace", Json(c.first_k_dense_replace),
+        absl::StrCat("must be within [0, num_hidden_layers = ", c.num_hidden_layers, "]"));
   }
-  if (c.first_k_dense_replace > 0) RETURN_IF_ERROR(RequirePositive("intermediate_size", c.intermediate_size));
+  if (c.first_k_dense_replace > 0)
+    RETURN_IF_ERROR(RequirePositive("intermediate_size", c.intermediate_size));
   if (c.num_moe_layers() == 0) return absl::OkStatus();
 
   RETURN_IF_ERROR(RequirePositive("num_experts", c.num_experts));
@@ -178,7 +182,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text) {
     RETURN_IF_ERROR(ReadDouble(*rope_params, "rope_theta", false, &c.rope_theta));
     auto rope_type = rope_params->find("rope_type");
     if (rope_type != rope_params->end() && *rope_type != "default") {
-      return KeyError("rope_parameters.rope_type", *rope_type, "only \"default\" RoPE is supported");
+      return KeyError("rope_parameters.rope_type", *rope_type,
+                      "only \"default\" RoPE is supported");
     }
   }
   RETURN_IF_ERROR(ReadDouble(j, "rope_theta", false, &c.rope_theta));
@@ -222,7 +227,8 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& path) {
   text << in.rdbuf();
   auto config = ParseModelConfig(text.str());
   if (!config.ok()) {
-    return absl::Status(config.status().code(), absl::StrCat(path, ": ", config.status().message()));
+    return absl::Status(config.status().code(),
+                        absl::StrCat(path, ": ", config.status().message()));
   }
   return config;
 }
@@ -238,7 +244,8 @@ std::string ModelConfigToJson(const ModelConfig& c) {
       {"num_key_value_heads", c.num_key_value_heads},
       {"head_dim", c.head_dim},
       {"rotary_dim", c.rotary_dim},
-      {"partial_rotary_factor", static_cast<double>(c.rotary_dim) / static_cast<double>(c.head_dim)},
+      {"partial_rotary_factor",
+       static_cast<double>(c.rotary_dim) / static_cast<double>(c.head_dim)},
       {"rope_theta", c.rope_theta},
       {"rms_norm_eps", c.rms_norm_eps},
       {"max_position_embeddings", c.max_position_embeddings},

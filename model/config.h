@@ -4,9 +4,9 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace moeserve {
 
@@ -33,8 +33,8 @@ struct ModelConfig {
   double routed_scaling_factor = 1.0;   // multiplies routed expert weights
   bool norm_topk_prob = true;           // renormalize the top-k weights to sum 1
   bool moe_router_enable_expert_bias = true;  // checkpoint has mlp.gate.expert_bias
-  bool tie_word_embeddings = false;     // lm_head shares the embedding matrix
-  int64_t pad_token_id = -1;            // informational; -1 when absent
+  bool tie_word_embeddings = false;           // lm_head shares the embedding matrix
+  int64_t pad_token_id = -1;                  // informational; -1 when absent
 
   bool IsMoeLayer(int64_t layer) const { return layer >= first_k_dense_replace; }
   int64_t num_moe_layers() const { return num_hidden_layers - first_k_dense_replace; }

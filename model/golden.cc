@@ -23,8 +23,9 @@ absl::StatusOr<const SafetensorsTensor*> Need(const SafetensorsFile& file, const
   const SafetensorsTensor* t = file.Find(name);
   if (t == nullptr) return absl::NotFoundError(absl::StrCat(file.path(), ": no tensor ", name));
   if (t->dtype != dtype || t->numel != numel) {
-    return absl::InvalidArgumentError(absl::StrCat(file.path(), ": tensor ", name, " is ", t->dtype, " with ",
-                                                   t->numel, " elements, expected ", dtype, " with ", numel));
+    return absl::InvalidArgumentError(absl::StrCat(file.path(), ": tensor ", name, " is ", t->dtype,
+                                                   " with ", t->numel, " elements, expected ",
+                                                   dtype, " with ", numel));
   }
   return t;
 }
@@ -32,19 +33,21 @@ absl::StatusOr<const SafetensorsTensor*> Need(const SafetensorsFile& file, const
 const float* F32(const SafetensorsTensor* t) { return reinterpret_cast<const float*>(t->data); }
 
 // max|a - b| / max|ref| with the first mismatches (|a - b| > tol * max|ref|) described.
-GoldenCheck CompareFloats(std::string name, const float* actual, const float* ref, int64_t n, int64_t row_width,
-                          double tolerance) {
+GoldenCheck CompareFloats(std::string name, const float* actual, const float* ref, int64_t n,
+                          int64_t row_width, double tolerance) {
   GoldenCheck check{std::move(name)};
   double max_ref = 0, max_err = 0;
-  for (int64_t i = 0; i < n; ++i) max_ref = std::max(max_ref, std::abs(static_cast<double>(ref[i])));
+  for (int64_t i = 0; i < n; ++i)
+    max_ref = std::max(max_ref, std::abs(static_cast<double>(ref[i])));
   const double scale = max_ref > 0 ? max_ref : 1.0;
   int shown = 0;
   for (int64_t i = 0; i < n; ++i) {
     const double err = std::abs(static_cast<double>(actual[i]) - ref[i]);
     if (!(err <= max_err)) max_err = std::isnan(err) ? INFINITY : err;
     if (!(err <= tolerance * scale) && shown < 3) {
-      absl::StrAppend(&check.detail, shown ? "; " : "", absl::StrFormat("[%d, %d] expected %.7g got %.7g",
-                                                                       i / row_width, i % row_width, ref[i], actual[i]));
+      absl::StrAppend(&check.detail, shown ? "; " : "",
+                      absl::StrFormat("[%d, %d] expected %.7g got %.7g", i / row_width,
+                                      i % row_width, ref[i], actual[i]));
       ++shown;
     }
   }
@@ -55,7 +58,8 @@ GoldenCheck CompareFloats(std::string name, const float* actual, const float* re
 
 }  // namespace
 
-absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::string& golden_dir, double tolerance) {
+absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::string& golden_dir,
+                                                 double tolerance) {
   const ModelConfig& c = model.config();
   const fs::path json_path = fs::path(golden_dir) / "golden.json";
   std::ifstream in(json_path);
@@ -65,10 +69,12 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
   Json meta = Json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
   if (meta.is_discarded() || !meta.is_object() || !meta.contains("forward_cases") ||
       !meta["forward_cases"].is_array()) {
-    return absl::InvalidArgumentError(absl::StrCat(json_path.string(), ": expected an object with forward_cases"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(json_path.string(), ": expected an object with forward_cases"));
   }
   const int64_t golden_block = meta.value("block_length", int64_t{0});
-  ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open((fs::path(golden_dir) / "golden.safetensors").string()));
+  ASSIGN_OR_RETURN(auto file,
+                   SafetensorsFile::Open((fs::path(golden_dir) / "golden.safetensors").string()));
 
   GoldenReport report;
   if (meta.contains("generate_cases") && meta["generate_cases"].is_array()) {
@@ -79,10 +85,12 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
     const int64_t batch = fc.value("batch", int64_t{0}), length = fc.value("length", int64_t{0});
     const std::string mask = fc.value("mask", std::string());
     if (case_id < 0 || batch <= 0 || length <= 0 || (mask != "block_causal" && mask != "none")) {
-      return absl::InvalidArgumentError(absl::StrCat(json_path.string(), ": malformed forward case ", fc.dump()));
+      return absl::InvalidArgumentError(
+          absl::StrCat(json_path.string(), ": malformed forward case ", fc.dump()));
     }
     if (mask == "block_causal" && golden_block <= 0) {
-      return absl::InvalidArgumentError(absl::StrCat(json_path.string(), ": block_causal case without block_length"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(json_path.string(), ": block_causal case without block_length"));
     }
     const std::string prefix = absl::StrCat("fwd", case_id);
     const int64_t n = batch * length;
@@ -94,7 +102,8 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
     std::vector<KvCache> caches(batch, KvCache(c));
     std::vector<SequenceInput> inputs(batch);
     for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < length; ++i) ids[b].push_back(static_cast<int32_t>(ids64[b * length + i]));
+      for (int64_t i = 0; i < length; ++i)
+        ids[b].push_back(static_cast<int32_t>(ids64[b * length + i]));
       inputs[b].token_ids = ids[b];
       inputs[b].cache = &caches[b];
       inputs[b].block_length = mask == "block_causal" ? golden_block : 0;
@@ -104,9 +113,10 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
     ASSIGN_OR_RETURN(ForwardOutput out, model.Forward(inputs, &trace));
 
     GoldenCaseReport cr{prefix};
-    ASSIGN_OR_RETURN(const SafetensorsTensor* logits, Need(*file, prefix + ".logits", "F32", n * c.vocab_size));
-    cr.checks.push_back(CompareFloats(prefix + ".logits", out.logits.data(), F32(logits), n * c.vocab_size,
-                                      c.vocab_size, tolerance));
+    ASSIGN_OR_RETURN(const SafetensorsTensor* logits,
+                     Need(*file, prefix + ".logits", "F32", n * c.vocab_size));
+    cr.checks.push_back(CompareFloats(prefix + ".logits", out.logits.data(), F32(logits),
+                                      n * c.vocab_size, c.vocab_size, tolerance));
     for (int64_t l = 0; l <= c.num_hidden_layers; ++l) {
       const std::string name = absl::StrCat(prefix, ".hidden_in.", l);
       ASSIGN_OR_RETURN(const SafetensorsTensor* t, Need(*file, name, "F32", n * c.hidden_size));
@@ -117,9 +127,11 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
       const std::string base = absl::StrCat(prefix, ".router.", l);
       const int64_t e = c.num_experts, k = c.num_experts_per_tok;
       ASSIGN_OR_RETURN(const SafetensorsTensor* lt, Need(*file, base + ".logits", "F32", n * e));
-      cr.checks.push_back(CompareFloats(base + ".logits", trace.router_logits[l].data(), F32(lt), n * e, e, tolerance));
+      cr.checks.push_back(CompareFloats(base + ".logits", trace.router_logits[l].data(), F32(lt),
+                                        n * e, e, tolerance));
       ASSIGN_OR_RETURN(const SafetensorsTensor* it, Need(*file, base + ".topk_idx", "I64", n * k));
-      ASSIGN_OR_RETURN(const SafetensorsTensor* wt, Need(*file, base + ".topk_weight", "F32", n * k));
+      ASSIGN_OR_RETURN(const SafetensorsTensor* wt,
+                       Need(*file, base + ".topk_weight", "F32", n * k));
       // Compare as sets of (expert, weight) pairs: sort each token's k entries by expert.
       std::vector<float> ours(n * k), ref(n * k);
       GoldenCheck sets{base + ".topk_experts", 0, true, ""};
@@ -141,14 +153,17 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
         }
         if (!same) {
           if (mismatched_tokens++ < 3) {
-            absl::StrAppend(&sets.detail, sets.detail.empty() ? "" : "; ", "token ", t, " expert sets differ");
+            absl::StrAppend(&sets.detail, sets.detail.empty() ? "" : "; ", "token ", t,
+                            " expert sets differ");
           }
         }
       }
       sets.ok = mismatched_tokens == 0;
       sets.max_rel_err = mismatched_tokens;  // count of tokens whose sets differ (exact check)
       cr.checks.push_back(sets);
-      if (sets.ok) cr.checks.push_back(CompareFloats(base + ".topk_weight", ours.data(), ref.data(), n * k, k, tolerance));
+      if (sets.ok)
+        cr.checks.push_back(
+            CompareFloats(base + ".topk_weight", ours.data(), ref.data(), n * k, k, tolerance));
     }
     for (const GoldenCheck& check : cr.checks) {
       cr.ok = cr.ok && check.ok;

@@ -17,10 +17,10 @@ namespace moeserve {
 inline constexpr double kGoldenF32Tolerance = 1e-4;
 
 struct GoldenCheck {
-  std::string name;         // e.g. "fwd0.router.1.topk"
-  double max_rel_err = 0;   // max|a - b| / max|ref|
+  std::string name;        // e.g. "fwd0.router.1.topk"
+  double max_rel_err = 0;  // max|a - b| / max|ref|
   bool ok = false;
-  std::string detail;       // first mismatches when not ok
+  std::string detail;  // first mismatches when not ok
 };
 
 struct GoldenCaseReport {

@@ -5,7 +5,9 @@
 namespace moeserve {
 
 KvCache::KvCache(const ModelConfig& config)
-    : kv_size_(config.kv_size()), keys_(config.num_hidden_layers), values_(config.num_hidden_layers) {}
+    : kv_size_(config.kv_size()),
+      keys_(config.num_hidden_layers),
+      values_(config.num_hidden_layers) {}
 
 void KvCache::Reserve(int64_t num_positions) {
   if (num_positions <= capacity_) return;

@@ -30,7 +30,9 @@ class KvCache {
   float* values(int64_t layer) { return values_[layer].data(); }
   int64_t capacity() const { return capacity_; }
   // Bytes held.
-  int64_t bytes() const { return 2 * static_cast<int64_t>(keys_.size()) * capacity_ * kv_size_ * 4; }
+  int64_t bytes() const {
+    return 2 * static_cast<int64_t>(keys_.size()) * capacity_ * kv_size_ * 4;
+  }
 
  private:
   int64_t kv_size_;

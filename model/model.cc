@@ -48,12 +48,14 @@ std::unique_ptr<Model> Model::FromWeights(ModelConfig config, ModelWeights weigh
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir) {
-  ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig((std::filesystem::path(dir) / "config.json").string()));
+  ASSIGN_OR_RETURN(ModelConfig config,
+                   LoadModelConfig((std::filesystem::path(dir) / "config.json").string()));
   ASSIGN_OR_RETURN(ModelWeights weights, LoadCheckpointWeights(dir, config));
   return FromWeights(std::move(config), std::move(weights));
 }
 
-absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, ForwardTrace* trace) const {
+absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
+                                             ForwardTrace* trace) const {
   const ModelConfig& c = config_;
   const int64_t hidden = c.hidden_size;
 
@@ -63,24 +65,29 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, For
   int64_t num_tokens = 0, num_logit_rows = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
     const SequenceInput& seq = batch[s];
-    if (seq.cache == nullptr) return absl::InvalidArgumentError(absl::StrCat("batch[", s, "].cache is null"));
+    if (seq.cache == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("batch[", s, "].cache is null"));
     if (!caches.insert(seq.cache).second) {
-      return absl::InvalidArgumentError(absl::StrCat("batch[", s, "] shares its cache with an earlier sequence"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch[", s, "] shares its cache with an earlier sequence"));
     }
     if (seq.block_length < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("batch[", s, "].block_length = ", seq.block_length, " is negative"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch[", s, "].block_length = ", seq.block_length, " is negative"));
     }
     const int64_t n = static_cast<int64_t>(seq.token_ids.size());
     for (int64_t i = 0; i < n; ++i) {
       if (seq.token_ids[i] < 0 || seq.token_ids[i] >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat("batch[", s, "].token_ids[", i, "] = ", seq.token_ids[i],
-                                                       " is outside the vocabulary [0, ", c.vocab_size, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("batch[", s, "].token_ids[", i, "] = ", seq.token_ids[i],
+                         " is outside the vocabulary [0, ", c.vocab_size, ")"));
       }
     }
     const int64_t start = seq.cache->length();
     if (start + n > c.max_position_embeddings) {
       return absl::InvalidArgumentError(absl::StrCat("batch[", s, "]: positions up to ", start + n,
-                                                     " exceed max_position_embeddings ", c.max_position_embeddings));
+                                                     " exceed max_position_embeddings ",
+                                                     c.max_position_embeddings));
     }
     for (int32_t row : seq.logit_rows) {
       if (row < 0 || row >= n) {
@@ -95,8 +102,10 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, For
 
   std::vector<int32_t> ids(num_tokens), positions(num_tokens);
   for (size_t s = 0; s < batch.size(); ++s) {
-    std::copy(batch[s].token_ids.begin(), batch[s].token_ids.end(), ids.begin() + spans[s].first_row);
-    for (int64_t i = 0; i < spans[s].num_tokens; ++i) positions[spans[s].first_row + i] = spans[s].start_pos + i;
+    std::copy(batch[s].token_ids.begin(), batch[s].token_ids.end(),
+              ids.begin() + spans[s].first_row);
+    for (int64_t i = 0; i < spans[s].num_tokens; ++i)
+      positions[spans[s].first_row + i] = spans[s].start_pos + i;
     batch[s].cache->Reserve(spans[s].start_pos + spans[s].num_tokens);
   }
   if (trace != nullptr) {
@@ -111,12 +120,12 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, For
   cpu::Embedding(AsMatrix(weights_.embedding), ids.data(), num_tokens, x.data());
 
   const float eps = static_cast<float>(c.rms_norm_eps);
-  std::vector<float> h(num_tokens * hidden);                  // [num_tokens, hidden_size]
-  std::vector<float> q(num_tokens * c.q_size());              // [num_tokens, num_heads, head_dim]
-  std::vector<float> k(num_tokens * c.kv_size());             // [num_tokens, num_kv_heads, head_dim]
-  std::vector<float> v(num_tokens * c.kv_size());             // [num_tokens, num_kv_heads, head_dim]
-  std::vector<float> attn(num_tokens * c.q_size());           // [num_tokens, num_heads, head_dim]
-  std::vector<float> mlp_out(num_tokens * hidden);            // [num_tokens, hidden_size]
+  std::vector<float> h(num_tokens * hidden);         // [num_tokens, hidden_size]
+  std::vector<float> q(num_tokens * c.q_size());     // [num_tokens, num_heads, head_dim]
+  std::vector<float> k(num_tokens * c.kv_size());    // [num_tokens, num_kv_heads, head_dim]
+  std::vector<float> v(num_tokens * c.kv_size());    // [num_tokens, num_kv_heads, head_dim]
+  std::vector<float> attn(num_tokens * c.q_size());  // [num_tokens, num_heads, head_dim]
+  std::vector<float> mlp_out(num_tokens * hidden);   // [num_tokens, hidden_size]
 
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& layer = weights_.layers[l];
@@ -128,17 +137,23 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, For
     cpu::Matmul(h.data(), num_tokens, AsMatrix(aw.wq), q.data());
     cpu::Matmul(h.data(), num_tokens, AsMatrix(aw.wk), k.data());
     cpu::Matmul(h.data(), num_tokens, AsMatrix(aw.wv), v.data());
-    cpu::RmsNorm(q.data(), num_tokens * c.num_attention_heads, c.head_dim, aw.q_norm.data<float>(), eps, q.data());
-    cpu::RmsNorm(k.data(), num_tokens * c.num_key_value_heads, c.head_dim, aw.k_norm.data<float>(), eps, k.data());
+    cpu::RmsNorm(q.data(), num_tokens * c.num_attention_heads, c.head_dim, aw.q_norm.data<float>(),
+                 eps, q.data());
+    cpu::RmsNorm(k.data(), num_tokens * c.num_key_value_heads, c.head_dim, aw.k_norm.data<float>(),
+                 eps, k.data());
     const float theta = static_cast<float>(c.rope_theta);
-    cpu::ApplyRope({q.data(), positions.data(), num_tokens, c.num_attention_heads, c.head_dim, c.rotary_dim, theta});
-    cpu::ApplyRope({k.data(), positions.data(), num_tokens, c.num_key_value_heads, c.head_dim, c.rotary_dim, theta});
+    cpu::ApplyRope({q.data(), positions.data(), num_tokens, c.num_attention_heads, c.head_dim,
+                    c.rotary_dim, theta});
+    cpu::ApplyRope({k.data(), positions.data(), num_tokens, c.num_key_value_heads, c.head_dim,
+                    c.rotary_dim, theta});
     for (size_t s = 0; s < batch.size(); ++s) {
       const Span& span = spans[s];
       KvCache& cache = *batch[s].cache;
       const int64_t kv = c.kv_size();
-      std::copy_n(k.data() + span.first_row * kv, span.num_tokens * kv, cache.keys(l) + span.start_pos * kv);
-      std::copy_n(v.data() + span.first_row * kv, span.num_tokens * kv, cache.values(l) + span.start_pos * kv);
+      std::copy_n(k.data() + span.first_row * kv, span.num_tokens * kv,
+                  cache.keys(l) + span.start_pos * kv);
+      std::copy_n(v.data() + span.first_row * kv, span.num_tokens * kv,
+                  cache.values(l) + span.start_pos * kv);
       const int64_t num_keys = span.start_pos + span.num_tokens;
       cpu::AttentionArgs args;
       args.q = q.data() + span.first_row * c.q_size();
@@ -158,7 +173,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, For
     for (int64_t i = 0; i < num_tokens * hidden; ++i) x[i] += h[i];
 
     // MLP or MoE.
-    cpu::RmsNorm(x.data(), num_tokens, hidden, layer.post_attention_norm.data<float>(), eps, h.data());
+    cpu::RmsNorm(x.data(), num_tokens, hidden, layer.post_attention_norm.data<float>(), eps,
+                 h.data());
     std::fill(mlp_out.begin(), mlp_out.end(), 0.0f);
     if (!c.IsMoeLayer(l)) {
       DenseMlp(layer.mlp, h.data(), num_tokens, mlp_out.data());
@@ -167,10 +183,11 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, For
       const int64_t experts = c.num_experts, topk = c.num_experts_per_tok;
       std::vector<float> logits(num_tokens * experts);  // [num_tokens, num_experts], fp32
       cpu::Matmul(h.data(), num_tokens, AsMatrix(moe.router), logits.data());
-      std::vector<int32_t> topk_idx(num_tokens * topk);  // [num_tokens, topk]
+      std::vector<int32_t> topk_idx(num_tokens * topk);   // [num_tokens, topk]
       std::vector<float> topk_weight(num_tokens * topk);  // [num_tokens, topk]
-      cpu::TokenChoiceParams params{experts, topk, c.n_group, c.topk_group, c.norm_topk_prob,
-                                    static_cast<float>(c.routed_scaling_factor)};
+      cpu::TokenChoiceParams params{experts,          topk,
+                                    c.n_group,        c.topk_group,
+                                    c.norm_topk_prob, static_cast<float>(c.routed_scaling_factor)};
       cpu::TokenChoiceRoute(params, {logits.data(), moe.expert_bias.data<float>(), num_tokens,
                                      topk_idx.data(), topk_weight.data()});
       RoutingPlanBuilder builder(num_tokens, experts);
@@ -205,14 +222,15 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, For
   int64_t r = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
     for (int32_t row : batch[s].logit_rows) {
-      cpu::RmsNorm(x.data() + (spans[s].first_row + row) * hidden, 1, hidden, weights_.final_norm.data<float>(), eps,
-                   rows.data() + r * hidden);
+      cpu::RmsNorm(x.data() + (spans[s].first_row + row) * hidden, 1, hidden,
+                   weights_.final_norm.data<float>(), eps, rows.data() + r * hidden);
       ++r;
     }
   }
   ForwardOutput output;
   output.logits.resize(num_logit_rows * c.vocab_size);
-  cpu::Matmul(rows.data(), num_logit_rows, AsMatrix(weights_.output_matrix()), output.logits.data());
+  cpu::Matmul(rows.data(), num_logit_rows, AsMatrix(weights_.output_matrix()),
+              output.logits.data());
   return output;
 }
 

@@ -38,7 +38,8 @@ struct SequenceInput {
 // What a forward computed inside, for checking against references. Token rows are in packed
 // order (the batch's sequences one after another).
 struct ForwardTrace {
-  // [num_layers + 1] x [num_tokens, hidden_size]: the input of each layer, then the final norm's output.
+  // [num_layers + 1] x [num_tokens, hidden_size]: the input of each layer, then the final norm's
+  // output.
   std::vector<std::vector<float>> hidden_in;
   // Indexed by layer; empty for dense layers.
   std::vector<std::vector<float>> router_logits;  // [num_tokens, num_experts]
@@ -63,7 +64,8 @@ class Model {
   // Runs the batch. Checks every input first (token ids in range, positions within
   // max_position_embeddings, logit rows in range, one chunk per cache) and fails before computing
   // anything. Thread-compatible: concurrent calls need distinct caches.
-  absl::StatusOr<ForwardOutput> Forward(std::span<SequenceInput> batch, ForwardTrace* trace = nullptr) const;
+  absl::StatusOr<ForwardOutput> Forward(std::span<SequenceInput> batch,
+                                        ForwardTrace* trace = nullptr) const;
 
  private:
   Model(ModelConfig config, ModelWeights weights);

@@ -29,7 +29,8 @@ size_t SafetensorsElementSize(absl::string_view dtype) {
   if (dtype == "F64" || dtype == "I64" || dtype == "U64") return 8;
   if (dtype == "F32" || dtype == "I32" || dtype == "U32") return 4;
   if (dtype == "F16" || dtype == "BF16" || dtype == "I16" || dtype == "U16") return 2;
-  if (dtype == "I8" || dtype == "U8" || dtype == "BOOL" || dtype == "F8_E4M3" || dtype == "F8_E5M2") return 1;
+  if (dtype == "I8" || dtype == "U8" || dtype == "BOOL" || dtype == "F8_E4M3" || dtype == "F8_E5M2")
+    return 1;
   return 0;
 }
 
@@ -75,9 +76,11 @@ absl::Status SafetensorsFile::Parse() {
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | std::to_integer<uint64_t>(bytes[i]);
   if (header_len > size_ - 8) {
-    return error("header length ", header_len, " exceeds the file size ", size_, " (truncated file?)");
+    return error("header length ", header_len, " exceeds the file size ", size_,
+                 " (truncated file?)");
   }
-  if (header_len > kMaxHeaderBytes) return error("header length ", header_len, " is implausibly large");
+  if (header_len > kMaxHeaderBytes)
+    return error("header length ", header_len, " is implausibly large");
   const char* header = reinterpret_cast<const char*>(bytes + 8);
   Json j = Json::parse(header, header + header_len, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return error("header is not valid JSON");
@@ -117,7 +120,8 @@ absl::Status SafetensorsFile::Parse() {
         return bad("shape ", shape->dump(), " has a non-integer or negative dimension");
       }
       const uint64_t dim = d.get<uint64_t>();
-      if (dim != 0 && numel > (uint64_t{1} << 62) / dim) return bad("shape ", shape->dump(), " overflows");
+      if (dim != 0 && numel > (uint64_t{1} << 62) / dim)
+        return bad("shape ", shape->dump(), " overflows");
       numel *= dim;
       t.shape.push_back(static_cast<int64_t>(dim));
     }
@@ -133,8 +137,8 @@ absl::Status SafetensorsFile::Parse() {
                  " bytes; truncated file?)");
     }
     if (numel > (uint64_t{1} << 62) / t.element_size || end - begin != numel * t.element_size) {
-      return bad("data_offsets span ", end - begin, " bytes but ", t.dtype, " shape ", shape->dump(),
-                 " needs ", numel * t.element_size);
+      return bad("data_offsets span ", end - begin, " bytes but ", t.dtype, " shape ",
+                 shape->dump(), " needs ", numel * t.element_size);
     }
     t.numel = static_cast<int64_t>(numel);
     t.file_offset = data_start + begin;
@@ -142,14 +146,18 @@ absl::Status SafetensorsFile::Parse() {
     tensors_.push_back(std::move(t));
   }
   std::sort(tensors_.begin(), tensors_.end(),
-            [](const SafetensorsTensor& a, const SafetensorsTensor& b) { return a.file_offset < b.file_offset; });
+            [](const SafetensorsTensor& a, const SafetensorsTensor& b) {
+              return a.file_offset < b.file_offset;
+            });
   for (size_t i = 0; i < tensors_.size(); ++i) {
     const SafetensorsTensor& t = tensors_[i];
     if (i > 0) {
       const SafetensorsTensor& prev = tensors_[i - 1];
-      const uint64_t prev_end = prev.file_offset + static_cast<uint64_t>(prev.numel) * prev.element_size;
+      const uint64_t prev_end =
+          prev.file_offset + static_cast<uint64_t>(prev.numel) * prev.element_size;
       if (t.file_offset < prev_end) {
-        return error("tensors \"", prev.name, "\" and \"", t.name, "\" overlap in the data section");
+        return error("tensors \"", prev.name, "\" and \"", t.name,
+                     "\" overlap in the data section");
       }
     }
     index_.emplace(t.name, i);
@@ -157,7 +165,8 @@ absl::Status SafetensorsFile::Parse() {
   return absl::OkStatus();
 }
 
-absl::Status WriteSafetensors(const std::string& path, const std::vector<SafetensorsWriteEntry>& entries,
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::vector<SafetensorsWriteEntry>& entries,
                               const std::map<std::string, std::string>& metadata) {
   Json header = Json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
@@ -169,7 +178,8 @@ absl::Status WriteSafetensors(const std::string& path, const std::vector<Safeten
     uint64_t numel = 1;
     for (int64_t d : e.shape) numel *= static_cast<uint64_t>(d);
     const uint64_t bytes = numel * element;
-    header[e.name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {offset, offset + bytes}}};
+    header[e.name] = {
+        {"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {offset, offset + bytes}}};
     sizes.push_back(bytes);
     offset += bytes;
   }

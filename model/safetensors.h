@@ -13,17 +13,17 @@
 #include <map>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace moeserve {
 
 struct SafetensorsTensor {
   std::string name;
-  std::string dtype;           // "BF16", "F32", "I64", ... as in the header
-  size_t element_size = 0;     // bytes per element
+  std::string dtype;        // "BF16", "F32", "I64", ... as in the header
+  size_t element_size = 0;  // bytes per element
   std::vector<int64_t> shape;
   int64_t numel = 0;
   const std::byte* data = nullptr;  // into the mapping; numel * element_size bytes
@@ -71,7 +71,9 @@ struct SafetensorsWriteEntry {
 };
 // Writes a safetensors file (header padded with spaces to 8-byte alignment, tensors in the given
 // order, each 8-byte aligned in the data section only as far as the entries make it so).
-absl::Status WriteSafetensors(const std::string& path, const std::vector<SafetensorsWriteEntry>& entries,
-                              const std::map<std::string, std::string>& metadata = {{"format", "pt"}});
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::vector<SafetensorsWriteEntry>& entries,
+                              const std::map<std::string, std::string>& metadata = {
+                                  {"format", "pt"}});
 
 }  // namespace moeserve

@@ -89,7 +89,8 @@ std::vector<TensorBinding> BindCheckpointTensors(const ModelConfig& c, ModelWeig
     add(p + "post_attention_layernorm.weight", {h}, MOESERVE_FIELD(layer, post_attention_norm));
     AttentionWeights* a = MOESERVE_FIELD(layer, attention);
     // query_key_value: q rows, then k rows, then v rows.
-    TensorBinding qkv{p + "attention.query_key_value.weight", {c.q_size() + 2 * c.kv_size(), h}, "BF16", {}};
+    TensorBinding qkv{
+        p + "attention.query_key_value.weight", {c.q_size() + 2 * c.kv_size(), h}, "BF16", {}};
     if (a) {
       qkv.parts = {{&a->wq, 0, 0, c.q_size() * h},
                    {&a->wk, 0, c.q_size() * h, c.kv_size() * h},
@@ -101,7 +102,8 @@ std::vector<TensorBinding> BindCheckpointTensors(const ModelConfig& c, ModelWeig
     add(p + "attention.key_layernorm.weight", {c.head_dim}, MOESERVE_FIELD(a, k_norm));
     if (!c.IsMoeLayer(l)) {
       MlpWeights* mlp = MOESERVE_FIELD(layer, mlp);
-      BindMlp(p + "mlp.", h, c.intermediate_size, MOESERVE_FIELD(mlp, w13), MOESERVE_FIELD(mlp, w2), 0, &out);
+      BindMlp(p + "mlp.", h, c.intermediate_size, MOESERVE_FIELD(mlp, w13), MOESERVE_FIELD(mlp, w2),
+              0, &out);
       continue;
     }
     MoeWeights* m = MOESERVE_FIELD(layer, moe);

@@ -52,7 +52,7 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  HostTensor embedding;   // [vocab_size, hidden_size]
+  HostTensor embedding;  // [vocab_size, hidden_size]
   std::vector<LayerWeights> layers;
   HostTensor final_norm;  // F32 [hidden_size]
   HostTensor lm_head;     // [vocab_size, hidden_size]; empty when tie_word_embeddings
@@ -75,9 +75,9 @@ struct TensorPart {
 
 // One tensor of a Hugging Face LLaDA2 checkpoint.
 struct TensorBinding {
-  std::string name;            // e.g. "model.layers.3.mlp.experts.17.up_proj.weight"
-  std::vector<int64_t> shape;  // as stored in the checkpoint
-  std::string disk_dtype;      // what the real checkpoints store (and the writer writes)
+  std::string name;               // e.g. "model.layers.3.mlp.experts.17.up_proj.weight"
+  std::vector<int64_t> shape;     // as stored in the checkpoint
+  std::string disk_dtype;         // what the real checkpoints store (and the writer writes)
   std::vector<TensorPart> parts;  // empty when no weights were given
   int64_t numel() const;
 };

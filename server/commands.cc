@@ -15,7 +15,8 @@
 ABSL_FLAG(std::string, model_dir, "",
           "Hugging Face checkpoint directory (config.json + model.safetensors[.index.json]). "
           "Empty: the built-in random-weight demo model.");
-ABSL_FLAG(std::string, golden_dir, "", "verify: directory with golden.json and golden.safetensors.");
+ABSL_FLAG(std::string, golden_dir, "",
+          "verify: directory with golden.json and golden.safetensors.");
 ABSL_FLAG(double, tolerance, moeserve::kGoldenF32Tolerance,
           "verify: largest max|a-b|/max|ref| accepted per tensor.");
 ABSL_FLAG(std::string, config, "",
@@ -46,9 +47,10 @@ void LogModelSummary(const Model& model) {
   MOESERVE_LOG(INFO) << absl::StrFormat(
       "model: %s, %.3f B parameters, %d layers (%d dense, %d MoE), hidden %d, %d experts (top-%d, "
       "%d groups / top-%d), expert width %d, %d shared, vocab %d, context %d",
-      c.model_type, ParameterCount(c) / 1e9, c.num_hidden_layers, c.first_k_dense_replace, c.num_moe_layers(),
-      c.hidden_size, c.num_experts, c.num_experts_per_tok, c.n_group, c.topk_group, c.moe_intermediate_size,
-      c.num_shared_experts, c.vocab_size, c.max_position_embeddings);
+      c.model_type, ParameterCount(c) / 1e9, c.num_hidden_layers, c.first_k_dense_replace,
+      c.num_moe_layers(), c.hidden_size, c.num_experts, c.num_experts_per_tok, c.n_group,
+      c.topk_group, c.moe_intermediate_size, c.num_shared_experts, c.vocab_size,
+      c.max_position_embeddings);
 }
 
 }  // namespace
@@ -63,7 +65,8 @@ int RunServe(const sigset_t& signals) {
   MOESERVE_LOG(INFO) << "model ready; waiting for SIGINT or SIGTERM";
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  MOESERVE_LOG(INFO) << "received " << (signal_number == SIGINT ? "SIGINT" : "SIGTERM") << ", shutting down";
+  MOESERVE_LOG(INFO) << "received " << (signal_number == SIGINT ? "SIGINT" : "SIGTERM")
+                     << ", shutting down";
   return 0;
 }
 
@@ -76,7 +79,8 @@ int RunVerify() {
   }
   auto model = Model::Load(model_dir);
   if (!model.ok()) {
-    std::fprintf(stderr, "cannot load %s: %s\n", model_dir.c_str(), std::string(model.status().message()).c_str());
+    std::fprintf(stderr, "cannot load %s: %s\n", model_dir.c_str(),
+                 std::string(model.status().message()).c_str());
     return 1;
   }
   const double tolerance = absl::GetFlag(FLAGS_tolerance);
@@ -86,21 +90,23 @@ int RunVerify() {
     return 1;
   }
   for (const GoldenCaseReport& c : report->cases) {
-    std::printf("%-6s %-4s max rel err %.3e (tolerance %.1e)\n", c.name.c_str(), c.ok ? "ok" : "FAIL",
-                c.worst_rel_err, tolerance);
+    std::printf("%-6s %-4s max rel err %.3e (tolerance %.1e)\n", c.name.c_str(),
+                c.ok ? "ok" : "FAIL", c.worst_rel_err, tolerance);
     for (const GoldenCheck& check : c.checks) {
       if (check.name.ends_with("topk_experts")) {
         std::printf("    %-28s %s\n", check.name.c_str(),
                     check.ok ? "identical expert sets" : ("DIFFER: " + check.detail).c_str());
       } else {
-        std::printf("    %-28s %.3e%s%s\n", check.name.c_str(), check.max_rel_err, check.ok ? "" : "  FAIL: ",
-                    check.detail.c_str());
+        std::printf("    %-28s %.3e%s%s\n", check.name.c_str(), check.max_rel_err,
+                    check.ok ? "" : "  FAIL: ", check.detail.c_str());
       }
     }
   }
   if (report->num_generate_cases > 0) {
-    std::printf("generate cases: %d present, not checked by this build (block-diffusion decoding is not built yet)\n",
-                report->num_generate_cases);
+    std::printf(
+        "generate cases: %d present, not checked by this build (block-diffusion decoding is not "
+        "built yet)\n",
+        report->num_generate_cases);
   }
   std::printf("%s\n", report->ok ? "PASS" : "FAIL");
   return report->ok ? 0 : 1;
@@ -121,10 +127,11 @@ int RunWriteCheckpoint() {
     }
     config = *loaded;
   }
-  MOESERVE_LOG(INFO) << absl::StrFormat("generating %.3f B random parameters (seed %d)", ParameterCount(config) / 1e9,
-                                        absl::GetFlag(FLAGS_seed));
+  MOESERVE_LOG(INFO) << absl::StrFormat("generating %.3f B random parameters (seed %d)",
+                                        ParameterCount(config) / 1e9, absl::GetFlag(FLAGS_seed));
   const ModelWeights weights = RandomWeights(config, {.seed = absl::GetFlag(FLAGS_seed)});
-  const absl::Status status = WriteCheckpoint(out_dir, config, weights, {.num_shards = absl::GetFlag(FLAGS_shards)});
+  const absl::Status status =
+      WriteCheckpoint(out_dir, config, weights, {.num_shards = absl::GetFlag(FLAGS_shards)});
   if (!status.ok()) {
     std::fprintf(stderr, "%s\n", std::string(status.message()).c_str());
     return 1;

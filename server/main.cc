@@ -26,7 +26,8 @@ int main(int argc, char** argv) {
       "usage: moeserve [serve|verify|write-checkpoint] [--flags]\n"
       "  serve             load --model_dir (or the built-in random-weight demo model) and serve\n"
       "  verify            compare --model_dir against the reference outputs in --golden_dir\n"
-      "  write-checkpoint  write a random-weight checkpoint of --config (or the demo) to --out_dir");
+      "  write-checkpoint  write a random-weight checkpoint of --config (or the demo) to "
+      "--out_dir");
   // Block the shutdown signals before any thread starts; the serve loop waits for them.
   sigset_t signals;
   sigemptyset(&signals);

@@ -13,7 +13,7 @@
 namespace moeserve::cpu {
 
 struct MoeExpertsArgs {
-  const float* x = nullptr;         // [num_tokens, hidden_size]
+  const float* x = nullptr;  // [num_tokens, hidden_size]
   const RoutingPlan* plan = nullptr;
   const HostTensor* w13 = nullptr;  // [num_experts, 2 * expert_width, hidden_size] (gate; up)
   const HostTensor* w2 = nullptr;   // [num_experts, hidden_size, expert_width]

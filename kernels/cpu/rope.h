@@ -13,7 +13,7 @@
 namespace moeserve::cpu {
 
 struct RopeArgs {
-  float* x = nullptr;                 // [num_tokens, num_heads, head_dim], rotated in place
+  float* x = nullptr;                  // [num_tokens, num_heads, head_dim], rotated in place
   const int32_t* positions = nullptr;  // [num_tokens]
   int64_t num_tokens = 0;
   int64_t num_heads = 0;

@@ -12,9 +12,10 @@ namespace {
 void TopK(const float* values, int64_t n, int64_t k, std::vector<int32_t>* order) {
   order->resize(n);
   std::iota(order->begin(), order->end(), 0);
-  std::partial_sort(order->begin(), order->begin() + k, order->end(), [values](int32_t a, int32_t b) {
-    return values[a] != values[b] ? values[a] > values[b] : a < b;
-  });
+  std::partial_sort(order->begin(), order->begin() + k, order->end(),
+                    [values](int32_t a, int32_t b) {
+                      return values[a] != values[b] ? values[a] > values[b] : a < b;
+                    });
   order->resize(k);
 }
 

@@ -28,8 +28,8 @@ struct TokenChoiceArgs {
   const float* logits = nullptr;       // [num_tokens, num_experts]
   const float* expert_bias = nullptr;  // [num_experts], or null for no bias
   int64_t num_tokens = 0;
-  int32_t* topk_idx = nullptr;         // [num_tokens, topk]
-  float* topk_weight = nullptr;        // [num_tokens, topk]
+  int32_t* topk_idx = nullptr;   // [num_tokens, topk]
+  float* topk_weight = nullptr;  // [num_tokens, topk]
 };
 void TokenChoiceRoute(const TokenChoiceParams& params, const TokenChoiceArgs& args);
 

@@ -31,11 +31,16 @@ void SetMinLogLevel(LogLevel level) { g_min_level.store(static_cast<int>(level))
 LogLevel MinLogLevel() { return static_cast<LogLevel>(g_min_level.load()); }
 
 bool ParseLogLevel(std::string_view text, LogLevel* level) {
-  if (text == "debug") *level = LogLevel::kDebug;
-  else if (text == "info") *level = LogLevel::kInfo;
-  else if (text == "warning") *level = LogLevel::kWarning;
-  else if (text == "error") *level = LogLevel::kError;
-  else return false;
+  if (text == "debug")
+    *level = LogLevel::kDebug;
+  else if (text == "info")
+    *level = LogLevel::kInfo;
+  else if (text == "warning")
+    *level = LogLevel::kWarning;
+  else if (text == "error")
+    *level = LogLevel::kError;
+  else
+    return false;
   return true;
 }
 
@@ -47,9 +52,9 @@ LogMessage::LogMessage(LogLevel level, const char* file, int line) : level_(leve
   localtime_r(&tv.tv_sec, &local);
   const char* base = std::strrchr(file, '/');
   char prefix[96];
-  std::snprintf(prefix, sizeof(prefix), "%c%02d%02d %02d:%02d:%02d.%06ld %s:%d] ", LevelLetter(level),
-                local.tm_mon + 1, local.tm_mday, local.tm_hour, local.tm_min, local.tm_sec,
-                static_cast<long>(tv.tv_usec), base ? base + 1 : file, line);
+  std::snprintf(prefix, sizeof(prefix), "%c%02d%02d %02d:%02d:%02d.%06ld %s:%d] ",
+                LevelLetter(level), local.tm_mon + 1, local.tm_mday, local.tm_hour, local.tm_min,
+                local.tm_sec, static_cast<long>(tv.tv_usec), base ? base + 1 : file, line);
   stream_ << prefix;
 }
 

@@ -39,7 +39,7 @@ class LogMessage {
 #define MOESERVE_LOG_LEVEL_WARNING ::moeserve::LogLevel::kWarning
 #define MOESERVE_LOG_LEVEL_ERROR ::moeserve::LogLevel::kError
 
-#define MOESERVE_LOG(level)                                        \
-  if (MOESERVE_LOG_LEVEL_##level < ::moeserve::MinLogLevel()) {    \
-  } else                                                           \
+#define MOESERVE_LOG(level)                                     \
+  if (MOESERVE_LOG_LEVEL_##level < ::moeserve::MinLogLevel()) { \
+  } else                                                        \
     ::moeserve::internal::LogMessage(MOESERVE_LOG_LEVEL_##level, __FILE__, __LINE__).stream()
