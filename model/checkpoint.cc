@@ -8,7 +8,6 @@
 #include <fstream>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -139,18 +138,15 @@ uint64_t HashName(const std::string& name) {
   return h;
 }
 
-}  // namespace
-
-absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir,
-                                                   const ModelConfig& config) {
-  std::vector<std::unique_ptr<SafetensorsFile>> files;
-  std::map<std::string, Source, std::less<>> sources;
-  RETURN_IF_ERROR(OpenCheckpointFiles(dir, &files, &sources));
-
-  // Check names, shapes and dtypes before allocating anything.
-  const std::vector<TensorBinding> expected = BindCheckpointTensors(config, nullptr);
+// Checks names, shapes and dtypes of `expected` against the files before anything is allocated;
+// with `whole_checkpoint`, tensors that nothing expects are problems too. All problems are
+// reported together.
+absl::Status CheckTensors(const std::string& dir,
+                          const std::map<std::string, Source, std::less<>>& sources,
+                          const std::vector<TensorBinding>& expected, bool whole_checkpoint,
+                          bool* all_matrices_bf16) {
   std::vector<std::string> problems;
-  bool all_matrices_bf16 = true;
+  *all_matrices_bf16 = true;
   std::map<std::string, bool, std::less<>> seen;
   for (const TensorBinding& b : expected) {
     seen[b.name] = true;
@@ -170,69 +166,63 @@ absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir,
       problems.push_back(absl::StrCat("tensor \"", b.name, "\" in ", file, ": shape ",
                                       ShapeString(t.shape), ", expected ", ShapeString(b.shape)));
     }
-    if (b.shape.size() == 2 && t.dtype != "BF16") all_matrices_bf16 = false;
+    if (b.shape.size() == 2 && t.dtype != "BF16") *all_matrices_bf16 = false;
   }
-  for (const auto& [name, source] : sources) {
-    if (!seen.contains(name)) {
-      problems.push_back(absl::StrCat("unexpected tensor \"", name, "\" in ", source.file->path(),
-                                      " (not part of a llada2_moe model with this config)"));
+  if (whole_checkpoint) {
+    for (const auto& [name, source] : sources) {
+      if (!seen.contains(name)) {
+        problems.push_back(absl::StrCat("unexpected tensor \"", name, "\" in ", source.file->path(),
+                                        " (not part of a llada2_moe model with this config)"));
+      }
     }
   }
-  if (!problems.empty()) {
-    constexpr size_t kShown = 20;
-    const size_t total = problems.size();
-    if (total > kShown) problems.resize(kShown);
-    return absl::InvalidArgumentError(
-        absl::StrCat("checkpoint ", dir, " does not match its config (", total, " problem",
-                     total == 1 ? "" : "s", total > kShown ? absl::StrCat(", first ", kShown) : "",
-                     "):\n  ", absl::StrJoin(problems, "\n  ")));
-  }
+  if (problems.empty()) return absl::OkStatus();
+  constexpr size_t kShown = 20;
+  const size_t total = problems.size();
+  if (total > kShown) problems.resize(kShown);
+  return absl::InvalidArgumentError(
+      absl::StrCat("checkpoint ", dir, " does not match its config (", total, " problem",
+                   total == 1 ? "" : "s", total > kShown ? absl::StrCat(", first ", kShown) : "",
+                   "):\n  ", absl::StrJoin(problems, "\n  ")));
+}
 
-  const DType matrix_dtype = all_matrices_bf16 ? DType::kBF16 : DType::kF32;
+// Copies every bound tensor from its source, in parallel; logs progress every 10% of the bytes
+// when there are enough of them to take a while.
+void CopyTensors(const std::map<std::string, Source, std::less<>>& sources,
+                 const std::vector<TensorBinding>& bindings) {
   uint64_t total_bytes = 0;
-  for (const auto& file : files) total_bytes += file->file_size();
-  MOESERVE_LOG(INFO) << "loading " << expected.size() << " tensors from " << files.size() << " file"
-                     << (files.size() == 1 ? "" : "s") << " in " << dir << " ("
-                     << absl::StrFormat("%.2f", total_bytes / 1e9) << " GB), matrices as "
-                     << DTypeName(matrix_dtype);
-  ModelWeights weights = AllocateWeights(config, matrix_dtype);
-  std::vector<TensorBinding> bindings = BindCheckpointTensors(config, &weights);
-
+  for (const TensorBinding& b : bindings) {
+    const SafetensorsTensor& t = *sources.find(b.name)->second.tensor;
+    total_bytes += t.numel * t.element_size;
+  }
   const auto start = std::chrono::steady_clock::now();
+  auto seconds = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
   std::atomic<uint64_t> done_bytes{0};
   std::atomic<int> next_report{1};
-  std::mutex log_mu;
   const int64_t n = static_cast<int64_t>(bindings.size());
 #pragma omp parallel for schedule(dynamic, 4)
   for (int64_t i = 0; i < n; ++i) {
-    const Source& source = sources.find(bindings[i].name)->second;
-    for (const TensorPart& part : bindings[i].parts) {
-      ConvertInto(*source.tensor, part.src_offset, part.count, part.dst, part.dst_offset);
-    }
-    const uint64_t done = done_bytes += source.tensor->numel * source.tensor->element_size;
-    // Progress at every 10% of the bytes, for checkpoints big enough to take a while.
+    const SafetensorsTensor& t = *sources.find(bindings[i].name)->second.tensor;
+    for (const TensorPart& part : bindings[i].parts)
+      ConvertInto(t, part.src_offset, part.count, part.dst, part.dst_offset);
+    const uint64_t done = done_bytes += t.numel * t.element_size;
     if (total_bytes < (uint64_t{1} << 30)) continue;
-    const int decile = static_cast<int>(10 * done / std::max<uint64_t>(total_bytes, 1));
-    int expected_report = next_report.load();
-    if (decile >= expected_report &&
-        next_report.compare_exchange_strong(expected_report, decile + 1)) {
-      std::lock_guard<std::mutex> lock(log_mu);
-      const double seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const int decile = static_cast<int>(10 * done / total_bytes);
+    int expected = next_report.load();
+    if (decile >= expected && next_report.compare_exchange_strong(expected, decile + 1)) {
       MOESERVE_LOG(INFO) << absl::StrFormat("loaded %.2f / %.2f GB (%d%%) in %.1f s, %.2f GB/s",
-                                            done / 1e9, total_bytes / 1e9, 10 * decile, seconds,
-                                            done / 1e9 / std::max(seconds, 1e-9));
+                                            done / 1e9, total_bytes / 1e9, 10 * decile, seconds(),
+                                            done / 1e9 / std::max(seconds(), 1e-9));
     }
   }
-  MOESERVE_LOG(INFO) << absl::StrFormat(
-      "loaded %d tensors (%.2f GB) in %.2f s", n, done_bytes.load() / 1e9,
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  return weights;
+  MOESERVE_LOG(INFO) << absl::StrFormat("loaded %d tensors (%.2f GB) in %.2f s", n,
+                                        total_bytes / 1e9, seconds());
 }
 
-ModelWeights RandomWeights(const ModelConfig& config, const RandomInitOptions& options) {
-  ModelWeights weights = AllocateWeights(config, options.matrix_dtype);
-  std::vector<TensorBinding> bindings = BindCheckpointTensors(config, &weights);
+// Fills bound tensors with the counter-based random values described at RandomWeights.
+void FillRandom(const std::vector<TensorBinding>& bindings, const RandomInitOptions& options) {
   // Uniform in [-a, a] has standard deviation a / sqrt(3).
   const float matrix_amp = static_cast<float>(options.init_std * std::sqrt(3.0));
   const int64_t n = static_cast<int64_t>(bindings.size());
@@ -258,7 +248,56 @@ ModelWeights RandomWeights(const ModelConfig& config, const RandomInitOptions& o
       }
     }
   }
+}
+
+}  // namespace
+
+absl::StatusOr<ModelWeights> LoadCheckpointWeights(const std::string& dir,
+                                                   const ModelConfig& config) {
+  std::vector<std::unique_ptr<SafetensorsFile>> files;
+  std::map<std::string, Source, std::less<>> sources;
+  RETURN_IF_ERROR(OpenCheckpointFiles(dir, &files, &sources));
+  bool all_matrices_bf16;
+  RETURN_IF_ERROR(CheckTensors(dir, sources, BindCheckpointTensors(config, nullptr),
+                               /*whole_checkpoint=*/true, &all_matrices_bf16));
+  const DType matrix_dtype = all_matrices_bf16 ? DType::kBF16 : DType::kF32;
+  uint64_t file_bytes = 0;
+  for (const auto& file : files) file_bytes += file->file_size();
+  MOESERVE_LOG(INFO) << "loading " << sources.size() << " tensors from " << files.size() << " file"
+                     << (files.size() == 1 ? "" : "s") << " in " << dir << " ("
+                     << absl::StrFormat("%.2f", file_bytes / 1e9) << " GB), matrices as "
+                     << DTypeName(matrix_dtype);
+  ModelWeights weights = AllocateWeights(config, matrix_dtype);
+  CopyTensors(sources, BindCheckpointTensors(config, &weights));
   return weights;
+}
+
+absl::StatusOr<std::vector<RouterWeights>> LoadRouterWeights(const std::string& dir,
+                                                             const ModelConfig& config) {
+  std::vector<std::unique_ptr<SafetensorsFile>> files;
+  std::map<std::string, Source, std::less<>> sources;
+  RETURN_IF_ERROR(OpenCheckpointFiles(dir, &files, &sources));
+  std::vector<RouterWeights> routers;
+  for (int64_t l = 0; l < config.num_moe_layers(); ++l) routers.push_back(AllocateRouter(config));
+  const std::vector<TensorBinding> bindings = BindRouterTensors(config, &routers);
+  bool unused;
+  RETURN_IF_ERROR(CheckTensors(dir, sources, bindings, /*whole_checkpoint=*/false, &unused));
+  CopyTensors(sources, bindings);
+  return routers;
+}
+
+ModelWeights RandomWeights(const ModelConfig& config, const RandomInitOptions& options) {
+  ModelWeights weights = AllocateWeights(config, options.matrix_dtype);
+  FillRandom(BindCheckpointTensors(config, &weights), options);
+  return weights;
+}
+
+std::vector<RouterWeights> RandomRouterWeights(const ModelConfig& config,
+                                               const RandomInitOptions& options) {
+  std::vector<RouterWeights> routers;
+  for (int64_t l = 0; l < config.num_moe_layers(); ++l) routers.push_back(AllocateRouter(config));
+  FillRandom(BindRouterTensors(config, &routers), options);
+  return routers;
 }
 
 absl::Status WriteCheckpoint(const std::string& dir, const ModelConfig& config,

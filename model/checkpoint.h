@@ -30,6 +30,14 @@ struct RandomInitOptions {
 };
 ModelWeights RandomWeights(const ModelConfig& config, const RandomInitOptions& options);
 
+// Only the routers of every MoE layer ([num_moe_layers]), for routing studies on full-size shapes
+// without the experts' memory: read from a checkpoint, or random (the same values RandomWeights
+// gives the routers for the same options).
+absl::StatusOr<std::vector<RouterWeights>> LoadRouterWeights(const std::string& dir,
+                                                             const ModelConfig& config);
+std::vector<RouterWeights> RandomRouterWeights(const ModelConfig& config,
+                                               const RandomInitOptions& options);
+
 // Writes `weights` as a Hugging Face checkpoint in `dir` (created if needed): config.json and
 // model.safetensors, or, with num_shards > 1, model-0000i-of-0000N.safetensors plus
 // model.safetensors.index.json. Tensors are written in the upstream dtypes (BF16, expert_bias F32).

@@ -12,8 +12,6 @@
 #include "kernels/cpu/rms_norm.h"
 #include "kernels/cpu/rope.h"
 #include "kernels/cpu/swiglu.h"
-#include "kernels/cpu/token_choice.h"
-#include "kernels/routing_plan.h"
 #include "kernels/util/logging.h"
 #include "kernels/util/status_macros.h"
 #include "model/checkpoint.h"
@@ -71,6 +69,9 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
       return absl::InvalidArgumentError(
           absl::StrCat("batch[", s, "] shares its cache with an earlier sequence"));
     }
+    if (absl::Status s_ok = ValidateRoutingOptions(seq.routing); !s_ok.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("batch[", s, "].routing.", s_ok.message()));
+    }
     if (seq.block_length < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("batch[", s, "].block_length = ", seq.block_length, " is negative"));
@@ -114,6 +115,16 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
     trace->router_logits.resize(c.num_hidden_layers);
     trace->topk_idx.resize(c.num_hidden_layers);
     trace->topk_weight.resize(c.num_hidden_layers);
+    trace->plans.resize(c.num_hidden_layers);
+  }
+  ForwardOutput output;
+  output.layer_load.resize(c.num_hidden_layers);
+  output.sequences.resize(batch.size());
+  std::vector<SequenceRouting> routing(batch.size());
+  for (size_t s = 0; s < batch.size(); ++s) {
+    routing[s] = {spans[s].first_row, spans[s].num_tokens, batch[s].routing};
+    output.sequences[s].dropped_tokens.assign(c.num_hidden_layers, 0);
+    output.sequences[s].experts_per_token.resize(c.num_hidden_layers);
   }
 
   std::vector<float> x(num_tokens * hidden);  // [num_tokens, hidden_size], the residual stream
@@ -180,29 +191,23 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
       DenseMlp(layer.mlp, h.data(), num_tokens, mlp_out.data());
     } else {
       const MoeWeights& moe = layer.moe;
-      const int64_t experts = c.num_experts, topk = c.num_experts_per_tok;
-      std::vector<float> logits(num_tokens * experts);  // [num_tokens, num_experts], fp32
-      cpu::Matmul(h.data(), num_tokens, AsMatrix(moe.router), logits.data());
-      std::vector<int32_t> topk_idx(num_tokens * topk);   // [num_tokens, topk]
-      std::vector<float> topk_weight(num_tokens * topk);  // [num_tokens, topk]
-      cpu::TokenChoiceParams params{experts,          topk,
-                                    c.n_group,        c.topk_group,
-                                    c.norm_topk_prob, static_cast<float>(c.routed_scaling_factor)};
-      cpu::TokenChoiceRoute(params, {logits.data(), moe.expert_bias.data<float>(), num_tokens,
-                                     topk_idx.data(), topk_weight.data()});
-      RoutingPlanBuilder builder(num_tokens, experts);
-      for (int64_t t = 0; t < num_tokens; ++t) {
-        for (int64_t j = 0; j < topk; ++j) {
-          builder.Add(static_cast<int32_t>(t), topk_idx[t * topk + j], topk_weight[t * topk + j]);
-        }
-      }
-      const RoutingPlan plan = std::move(builder).Finish();
+      std::vector<float> logits(num_tokens * c.num_experts);  // [num_tokens, num_experts], fp32
+      cpu::Matmul(h.data(), num_tokens, AsMatrix(moe.gate.weight), logits.data());
+      LayerRouting routed =
+          RouteMoeLayer(c, logits.data(), moe.gate.expert_bias.data<float>(), num_tokens, routing);
+      const RoutingPlan& plan = routed.plan;
       if (!moe.shared.w13.empty()) DenseMlp(moe.shared, h.data(), num_tokens, mlp_out.data());
       cpu::MoeExperts({h.data(), &plan, &moe.experts_w13, &moe.experts_w2, mlp_out.data()});
+      output.layer_load[l] = std::move(routed.load);
+      for (size_t s = 0; s < batch.size(); ++s) {
+        output.sequences[s].dropped_tokens[l] = routed.sequence_dropped[s];
+        output.sequences[s].experts_per_token[l] = std::move(routed.sequence_experts_per_token[s]);
+      }
       if (trace != nullptr) {
         trace->router_logits[l] = std::move(logits);
-        trace->topk_idx[l] = std::move(topk_idx);
-        trace->topk_weight[l] = std::move(topk_weight);
+        trace->topk_idx[l] = std::move(routed.topk_idx);
+        trace->topk_weight[l] = std::move(routed.topk_weight);
+        trace->plans[l] = std::move(routed.plan);
       }
     }
     for (int64_t i = 0; i < num_tokens * hidden; ++i) x[i] += mlp_out[i];
@@ -227,7 +232,6 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
       ++r;
     }
   }
-  ForwardOutput output;
   output.logits.resize(num_logit_rows * c.vocab_size);
   cpu::Matmul(rows.data(), num_logit_rows, AsMatrix(weights_.output_matrix()),
               output.logits.data());

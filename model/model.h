@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
+#include "model/routing.h"
 #include "model/weights.h"
 
 namespace moeserve {
@@ -33,6 +34,15 @@ struct SequenceInput {
   bool commit = false;
   // Rows of the chunk (indices into token_ids) whose logits are wanted.
   std::vector<int32_t> logit_rows;
+  // How this sequence's tokens reach the experts.
+  RoutingOptions routing;
+};
+
+// What routing did to one sequence in one forward, per MoE layer (indexed by layer; empty entries
+// for dense layers).
+struct SequenceRoutingStats {
+  std::vector<int64_t> dropped_tokens;  // [num_layers]: tokens with no routed expert
+  std::vector<std::vector<int64_t>> experts_per_token;  // [num_layers][num_experts + 1]: histogram
 };
 
 // What a forward computed inside, for checking against references. Token rows are in packed
@@ -45,11 +55,16 @@ struct ForwardTrace {
   std::vector<std::vector<float>> router_logits;  // [num_tokens, num_experts]
   std::vector<std::vector<int32_t>> topk_idx;     // [num_tokens, topk], token-choice selections
   std::vector<std::vector<float>> topk_weight;    // [num_tokens, topk]
+  std::vector<RoutingPlan> plans;                 // the routing plan of each MoE layer
 };
 
 struct ForwardOutput {
   // [num_logit_rows, vocab_size]: the batch's logit rows, sequence by sequence, in the order asked.
   std::vector<float> logits;
+  // [num_layers]: load of each MoE layer by routing mode (empty entries for dense layers).
+  std::vector<LayerLoad> layer_load;
+  // [batch size]: per-sequence routing statistics.
+  std::vector<SequenceRoutingStats> sequences;
 };
 
 class Model {

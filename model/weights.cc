@@ -33,6 +33,13 @@ int64_t TensorBinding::numel() const {
   return n;
 }
 
+RouterWeights AllocateRouter(const ModelConfig& c) {
+  RouterWeights r{HostTensor(DType::kF32, {c.num_experts, c.hidden_size}),
+                  HostTensor(DType::kF32, {c.num_experts})};
+  std::fill_n(r.expert_bias.data<float>(), c.num_experts, 0.0f);
+  return r;
+}
+
 ModelWeights AllocateWeights(const ModelConfig& c, DType matrix_dtype) {
   const DType f32 = DType::kF32;
   const int64_t h = c.hidden_size;
@@ -58,9 +65,7 @@ ModelWeights AllocateWeights(const ModelConfig& c, DType matrix_dtype) {
     }
     MoeWeights& m = layer.moe;
     const int64_t width = c.moe_intermediate_size;
-    m.router = HostTensor(f32, {c.num_experts, h});
-    m.expert_bias = HostTensor(f32, {c.num_experts});
-    std::fill_n(m.expert_bias.data<float>(), c.num_experts, 0.0f);  // stays 0 without a bias
+    m.gate = AllocateRouter(c);
     m.experts_w13 = HostTensor(matrix_dtype, {c.num_experts, 2 * width, h});
     m.experts_w2 = HostTensor(matrix_dtype, {c.num_experts, h, width});
     if (c.num_shared_experts > 0) m.shared = AllocateMlp(h, c.shared_expert_width(), matrix_dtype);
@@ -107,9 +112,10 @@ std::vector<TensorBinding> BindCheckpointTensors(const ModelConfig& c, ModelWeig
       continue;
     }
     MoeWeights* m = MOESERVE_FIELD(layer, moe);
-    add(p + "mlp.gate.weight", {c.num_experts, h}, MOESERVE_FIELD(m, router));
+    RouterWeights* gate = MOESERVE_FIELD(m, gate);
+    add(p + "mlp.gate.weight", {c.num_experts, h}, MOESERVE_FIELD(gate, weight));
     if (c.moe_router_enable_expert_bias) {
-      add(p + "mlp.gate.expert_bias", {c.num_experts}, MOESERVE_FIELD(m, expert_bias), "F32");
+      add(p + "mlp.gate.expert_bias", {c.num_experts}, MOESERVE_FIELD(gate, expert_bias), "F32");
     }
     for (int64_t e = 0; e < c.num_experts; ++e) {
       BindMlp(absl::StrCat(p, "mlp.experts.", e, "."), h, c.moe_intermediate_size,
@@ -124,6 +130,22 @@ std::vector<TensorBinding> BindCheckpointTensors(const ModelConfig& c, ModelWeig
   add("model.norm.weight", {h}, MOESERVE_FIELD(w, final_norm));
   if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, h}, MOESERVE_FIELD(w, lm_head));
 #undef MOESERVE_FIELD
+  return out;
+}
+
+std::vector<TensorBinding> BindRouterTensors(const ModelConfig& config,
+                                             std::vector<RouterWeights>* routers) {
+  std::vector<TensorBinding> out;
+  for (TensorBinding& b : BindCheckpointTensors(config, nullptr)) {
+    const bool weight = b.name.ends_with(".mlp.gate.weight"),
+               bias = b.name.ends_with(".mlp.gate.expert_bias");
+    if (!weight && !bias) continue;
+    const int64_t layer = std::stoll(b.name.substr(std::string("model.layers.").size()));
+    RouterWeights& r = (*routers)[layer - config.first_k_dense_replace];
+    HostTensor* dst = weight ? &r.weight : &r.expert_bias;
+    b.parts = {{dst, 0, 0, dst->numel()}};
+    out.push_back(std::move(b));
+  }
   return out;
 }
 

@@ -35,9 +35,14 @@ struct AttentionWeights {
   HostTensor k_norm;  // F32 [head_dim]
 };
 
-struct MoeWeights {
-  HostTensor router;       // F32 [num_experts, hidden_size]
+// The router of one MoE layer (mlp.gate): fp32, as routing runs in fp32.
+struct RouterWeights {
+  HostTensor weight;       // F32 [num_experts, hidden_size]
   HostTensor expert_bias;  // F32 [num_experts]; zeros when the config has no bias
+};
+
+struct MoeWeights {
+  RouterWeights gate;
   HostTensor experts_w13;  // [num_experts, 2 * moe_intermediate_size, hidden_size]
   HostTensor experts_w2;   // [num_experts, hidden_size, moe_intermediate_size]
   MlpWeights shared;       // width shared_expert_width(); empty tensors when there is none
@@ -59,6 +64,9 @@ struct ModelWeights {
 
   const HostTensor& output_matrix() const { return lm_head.empty() ? embedding : lm_head; }
 };
+
+// Allocates a router; expert_bias zero-filled (it stays zero for configs without a bias).
+RouterWeights AllocateRouter(const ModelConfig& config);
 
 // Allocates (uninitialized) weights of `config`'s shape: matrices in `matrix_dtype`, the router,
 // norms and biases in F32.
@@ -85,6 +93,10 @@ struct TensorBinding {
 // Every tensor of a checkpoint of `config`, in a stable order, bound to `weights` (which must
 // have been allocated for `config`) or unbound when `weights` is null.
 std::vector<TensorBinding> BindCheckpointTensors(const ModelConfig& config, ModelWeights* weights);
+// Only the routers' tensors (mlp.gate.weight and expert_bias of every MoE layer), bound to
+// `routers` ([num_moe_layers], each from AllocateRouter).
+std::vector<TensorBinding> BindRouterTensors(const ModelConfig& config,
+                                             std::vector<RouterWeights>* routers);
 
 // Parameters of the model: the sum of all checkpoint tensor sizes.
 int64_t ParameterCount(const ModelConfig& config);

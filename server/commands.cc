@@ -6,11 +6,13 @@
 
 #include "absl/flags/flag.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/util/logging.h"
 #include "model/checkpoint.h"
 #include "model/golden.h"
 #include "model/model.h"
+#include "model/route_stats.h"
 
 ABSL_FLAG(std::string, model_dir, "",
           "Hugging Face checkpoint directory (config.json + model.safetensors[.index.json]). "
@@ -23,7 +25,18 @@ ABSL_FLAG(std::string, config, "",
           "write-checkpoint: config.json to take the shape from. Empty: the demo model's config.");
 ABSL_FLAG(std::string, out_dir, "", "write-checkpoint: directory to write the checkpoint into.");
 ABSL_FLAG(int, shards, 1, "write-checkpoint: number of safetensors shards (> 1 adds an index).");
-ABSL_FLAG(uint64_t, seed, 0, "Random seed of the demo model and of write-checkpoint.");
+ABSL_FLAG(uint64_t, seed, 0, "Random seed of the demo model, write-checkpoint and route-stats.");
+ABSL_FLAG(std::string, routing, "token_choice", "route-stats: token_choice or expert_choice.");
+ABSL_FLAG(double, capacity_factor, 1.25, "route-stats: expert-choice capacity factor, in (0, 64].");
+ABSL_FLAG(std::string, scope, "request", "route-stats: expert-choice scope, request or batch.");
+ABSL_FLAG(std::string, ec_weighting, "renormalized",
+          "route-stats: expert-choice weights, renormalized or raw.");
+ABSL_FLAG(int64_t, tokens, 4096, "route-stats: tokens to route.");
+ABSL_FLAG(int64_t, sequences, 1,
+          "route-stats: sequences the tokens are split into (request scopes).");
+ABSL_FLAG(double, skew, 0.0,
+          "route-stats: Zipf exponent of a per-expert router-logit offset (0: none).");
+ABSL_FLAG(bool, json, false, "route-stats: print JSON instead of a table.");
 
 namespace moeserve {
 namespace {
@@ -110,6 +123,57 @@ int RunVerify() {
   }
   std::printf("%s\n", report->ok ? "PASS" : "FAIL");
   return report->ok ? 0 : 1;
+}
+
+int RunRouteStats() {
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "route-stats: %s\n", std::string(s.message()).c_str());
+    return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  };
+  RouteStatsOptions options;
+  auto mode = ParseRoutingMode(absl::GetFlag(FLAGS_routing));
+  if (!mode.ok())
+    return fail(absl::InvalidArgumentError(absl::StrCat("--routing: ", mode.status().message())));
+  auto scope = ParseRoutingScope(absl::GetFlag(FLAGS_scope));
+  if (!scope.ok())
+    return fail(absl::InvalidArgumentError(absl::StrCat("--scope: ", scope.status().message())));
+  auto weighting = ParseExpertChoiceWeighting(absl::GetFlag(FLAGS_ec_weighting));
+  if (!weighting.ok()) {
+    return fail(
+        absl::InvalidArgumentError(absl::StrCat("--ec_weighting: ", weighting.status().message())));
+  }
+  options.routing = {*mode, absl::GetFlag(FLAGS_capacity_factor), *scope, *weighting};
+  if (absl::Status s = ValidateRoutingOptions(options.routing); !s.ok()) {
+    return fail(absl::InvalidArgumentError(absl::StrCat("--", s.message())));
+  }
+  options.num_tokens = absl::GetFlag(FLAGS_tokens);
+  options.num_sequences = absl::GetFlag(FLAGS_sequences);
+  options.seed = absl::GetFlag(FLAGS_seed);
+  options.skew = absl::GetFlag(FLAGS_skew);
+
+  const std::string model_dir = absl::GetFlag(FLAGS_model_dir),
+                    config_path = absl::GetFlag(FLAGS_config);
+  if (model_dir.empty() == config_path.empty()) {
+    return fail(
+        absl::InvalidArgumentError("give exactly one of --model_dir (a checkpoint) or --config "
+                                   "(a config.json, with random router weights)"));
+  }
+  auto config = LoadModelConfig(model_dir.empty() ? config_path : model_dir + "/config.json");
+  if (!config.ok()) return fail(config.status());
+  std::vector<RouterWeights> routers;
+  if (!model_dir.empty()) {
+    auto loaded = LoadRouterWeights(model_dir, *config);
+    if (!loaded.ok()) return fail(loaded.status());
+    routers = std::move(loaded).value();
+  } else {
+    routers = RandomRouterWeights(*config, {.seed = options.seed});
+  }
+  auto layers = RunRouteStats(*config, routers, options);
+  if (!layers.ok()) return fail(layers.status());
+  std::printf("%s\n", absl::GetFlag(FLAGS_json)
+                          ? RouteStatsJson(*config, options, *layers).c_str()
+                          : RouteStatsTable(*config, options, *layers).c_str());
+  return 0;
 }
 
 int RunWriteCheckpoint() {

@@ -9,6 +9,8 @@ namespace moeserve {
 int RunServe(const sigset_t& signals);
 // Checks --model_dir against --golden_dir; exits non-zero when any case is out of tolerance.
 int RunVerify();
+// Prints routing load statistics of every MoE layer (see model/route_stats.h).
+int RunRouteStats();
 // Writes a random-weight checkpoint.
 int RunWriteCheckpoint();
 

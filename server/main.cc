@@ -3,6 +3,7 @@
 //   moeserve [serve]            load the model (or the built-in random-weight demo) and serve
 //   moeserve verify             check a checkpoint against golden reference outputs
 //   moeserve write-checkpoint   write a random-weight checkpoint in the Hugging Face layout
+//   moeserve route-stats        routing load statistics of every MoE layer
 //
 // Flags are shared by all commands; `moeserve --help` lists them.
 #include <signal.h>
@@ -23,7 +24,7 @@ ABSL_FLAG(std::string, log_level, "info", "Minimum log level: debug, info, warni
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "LLaDA2 MoE inference server.\n"
-      "usage: moeserve [serve|verify|write-checkpoint] [--flags]\n"
+      "usage: moeserve [serve|verify|write-checkpoint|route-stats] [--flags]\n"
       "  serve             load --model_dir (or the built-in random-weight demo model) and serve\n"
       "  verify            compare --model_dir against the reference outputs in --golden_dir\n"
       "  write-checkpoint  write a random-weight checkpoint of --config (or the demo) to "
@@ -51,6 +52,7 @@ int main(int argc, char** argv) {
   if (command == "serve") return moeserve::RunServe(signals);
   if (command == "verify") return moeserve::RunVerify();
   if (command == "write-checkpoint") return moeserve::RunWriteCheckpoint();
+  if (command == "route-stats") return moeserve::RunRouteStats();
   std::fprintf(stderr, "unknown command \"%s\"; see moeserve --help\n", command.c_str());
   return 2;
 }
