@@ -35,6 +35,29 @@ grep -q "^FAIL" "$TMP/verify2.log"; check "verify prints FAIL" 0 $?
 
 "$MOESERVE" verify --model_dir "$TMP/nonexistent" --golden_dir "$DATA/llada2-tiny" >/dev/null 2>&1
 check "verify fails on a missing checkpoint" 1 $?
+# route-stats on the shipped LLaDA2.0-mini config with random routers: expert-choice is perfectly
+# balanced (max/mean exactly 1) in both scopes, token-choice is not.
+MINI="$(dirname "$0")/../../model/configs/LLaDA2.0-mini-preview.json"
+summary() {  # summary FIELD: reads route-stats JSON on stdin
+  python3 -c "import json,sys; print(json.load(sys.stdin)['summary']['$1'])"
+}
+for scope in request batch; do
+  worst=$("$MOESERVE" route-stats --config "$MINI" --tokens 256 --sequences 8 --routing expert_choice \
+    --scope "$scope" --capacity_factor 1.25 --json | summary worst_max_over_mean)
+  [ "$worst" = "1.0" ]; check "route-stats expert_choice $scope scope max/mean = 1 (got $worst)" 0 $?
+  best=$("$MOESERVE" route-stats --config "$MINI" --tokens 256 --sequences 8 --routing token_choice \
+    --scope "$scope" --json | python3 -c "import json,sys; print(min(l['max_over_mean'] for l in json.load(sys.stdin)['layers']))")
+  python3 -c "import sys; sys.exit(0 if $best > 1 else 1)"; check "route-stats token_choice $scope scope max/mean > 1 (got $best)" 0 $?
+done
+"$MOESERVE" route-stats --config "$MINI" --routing expert_choice --capacity_factor nan >"$TMP/rs.log" 2>&1
+check "route-stats rejects a NaN capacity factor" 2 $?
+grep -q "capacity_factor" "$TMP/rs.log"; check "the error names capacity_factor" 0 $?
+"$MOESERVE" route-stats --config "$MINI" --routing top_k >"$TMP/rs.log" 2>&1
+check "route-stats rejects an unknown mode" 2 $?
+grep -q -- "--routing" "$TMP/rs.log"; check "the error names --routing" 0 $?
+"$MOESERVE" route-stats --model_dir "$TMP/random" --tokens 64 --routing expert_choice >/dev/null 2>&1
+check "route-stats reads a checkpoint's routers" 0 $?
+
 "$MOESERVE" bogus-command >/dev/null 2>&1
 check "unknown command is a usage error" 2 $?
 
