@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -11,6 +12,15 @@
 #include "kernels/tensor.h"
 
 namespace moeserve::testing {
+
+// The source tree and its tests/data, as compiled in; the environment variable of the same name
+// overrides them, so that test binaries can run from a copy of the tree elsewhere (the GPU
+// machine).
+inline std::string SourceDir() {
+  const char* env = std::getenv("MOESERVE_SOURCE_DIR");
+  return env != nullptr ? env : MOESERVE_SOURCE_DIR;
+}
+inline std::string TestDataDir() { return SourceDir() + "/tests/data"; }
 
 // Tolerances, with the reason for each.
 // float32 kernels vs a float64 reference of the same math: rounding of sums over <= a few

@@ -14,6 +14,7 @@
 #include "model/model.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_util.h"
 
 namespace moeserve {
 namespace {
@@ -23,7 +24,7 @@ using ::testing::HasSubstr;
 using Json = nlohmann::json;
 
 ModelConfig TinyConfig() {
-  auto c = LoadModelConfig(std::string(MOESERVE_TEST_DATA) + "/llada2-tiny/config.json");
+  auto c = LoadModelConfig(testing::TestDataDir() + "/llada2-tiny/config.json");
   EXPECT_TRUE(c.ok()) << c.status();
   return *c;
 }
@@ -409,7 +410,7 @@ int64_t AvailableMemoryBytes() {
 TEST(FullSizeTest, RandomInitOfShippedConfigsWhereMemoryAllows) {
   int built = 0;
   for (const char* name : {"LLaDA2.0-mini-preview.json", "LLaDA2.0-flash.json"}) {
-    auto config = LoadModelConfig(std::string(MOESERVE_SOURCE_DIR) + "/model/configs/" + name);
+    auto config = LoadModelConfig(testing::SourceDir() + "/model/configs/" + name);
     ASSERT_TRUE(config.ok()) << config.status();
     const int64_t need = ParameterCount(*config) * 2 + (int64_t{4} << 30);
     if (AvailableMemoryBytes() < need) {

@@ -7,6 +7,7 @@
 #include "gtest/gtest.h"
 #include "model/weights.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_util.h"
 
 namespace moeserve {
 namespace {
@@ -21,11 +22,9 @@ std::string ReadFile(const std::string& path) {
   return s.str();
 }
 
-const std::string kTinyConfig = std::string(MOESERVE_TEST_DATA) + "/llada2-tiny/config.json";
-const std::string kMiniConfig =
-    std::string(MOESERVE_SOURCE_DIR) + "/model/configs/LLaDA2.0-mini-preview.json";
-const std::string kFlashConfig =
-    std::string(MOESERVE_SOURCE_DIR) + "/model/configs/LLaDA2.0-flash.json";
+const std::string kTinyConfig = testing::TestDataDir() + "/llada2-tiny/config.json";
+const std::string kMiniConfig = testing::SourceDir() + "/model/configs/LLaDA2.0-mini-preview.json";
+const std::string kFlashConfig = testing::SourceDir() + "/model/configs/LLaDA2.0-flash.json";
 
 TEST(ConfigTest, ParsesTinyGoldenConfigIgnoringUnusedKeys) {
   auto c = LoadModelConfig(kTinyConfig);

@@ -15,7 +15,7 @@ namespace moeserve {
 namespace {
 
 using Vec = std::vector<double>;
-const std::string kTinyDir = std::string(MOESERVE_TEST_DATA) + "/llada2-tiny";
+const std::string kTinyDir = testing::TestDataDir() + "/llada2-tiny";
 
 double W(const HostTensor& t, int64_t i) { return testing::At(t, i); }
 

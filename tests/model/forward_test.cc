@@ -7,13 +7,14 @@
 #include "model/checkpoint.h"
 #include "model/golden.h"
 #include "model/model.h"
+#include "tests/test_util.h"
 
 namespace moeserve {
 namespace {
 
 using ::testing::HasSubstr;
 
-const std::string kTinyDir = std::string(MOESERVE_TEST_DATA) + "/llada2-tiny";
+const std::string kTinyDir = testing::TestDataDir() + "/llada2-tiny";
 
 TEST(GoldenTest, TinyModelMatchesUpstreamReference) {
   auto model = Model::Load(kTinyDir);
