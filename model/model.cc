@@ -90,6 +90,10 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
                                                      " exceed max_position_embeddings ",
                                                      c.max_position_embeddings));
     }
+    if (seq.commit_tokens < 0 || seq.commit_tokens > n) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch[", s, "].commit_tokens = ", seq.commit_tokens, " is outside [0, ", n, "]"));
+    }
     for (int32_t row : seq.logit_rows) {
       if (row < 0 || row >= n) {
         return absl::InvalidArgumentError(absl::StrCat("batch[", s, "].logit_rows has ", row,
@@ -214,7 +218,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
   }
 
   for (size_t s = 0; s < batch.size(); ++s) {
-    if (batch[s].commit) batch[s].cache->Commit(spans[s].start_pos + spans[s].num_tokens);
+    batch[s].cache->Commit(spans[s].start_pos + batch[s].commit_tokens);
   }
 
   // Final norm and lm_head for the rows asked for (all rows when tracing).

@@ -30,8 +30,10 @@ struct SequenceInput {
   // Attention block size: a query sees keys of its own and earlier blocks (block-causal, blocks
   // aligned to absolute positions). 0: every key of the chunk and the cache (bidirectional).
   int64_t block_length = 0;
-  // Keep the chunk's K/V in the cache (prefill chunks, finished blocks); false for denoising steps.
-  bool commit = false;
+  // How many leading tokens of the chunk keep their K/V in the cache (advance cache->length()):
+  // all of a prefill chunk, none of a denoising step, and a finished block's refresh folded into
+  // the next block's first step (both in one chunk: block-causal attention makes that exact).
+  int64_t commit_tokens = 0;
   // Rows of the chunk (indices into token_ids) whose logits are wanted.
   std::vector<int32_t> logit_rows;
   // How this sequence's tokens reach the experts.

@@ -172,7 +172,7 @@ TEST(ExpertChoiceForwardTest, MatchesNaiveReferenceOnTinyCheckpoint) {
     ASSERT_GT(ref.min_margin, 1e-5) << "pick other ids: a capacity boundary is a near-tie";
     KvCache cache((*model)->config());
     std::vector<SequenceInput> in(1);
-    in[0] = {ids, &cache, 8, false, AllRows(ids.size()), {RoutingMode::kExpertChoice, cf}};
+    in[0] = {ids, &cache, 8, 0, AllRows(ids.size()), {RoutingMode::kExpertChoice, cf}};
     auto out = (*model)->Forward(in);
     ASSERT_TRUE(out.ok()) << out.status();
     double max_ref = 0, max_err = 0;
@@ -212,7 +212,7 @@ TEST(ExpertChoiceForwardTest, MixedBatchEqualsEachSequenceAlone) {
     std::vector<KvCache> caches(which.size(), KvCache(*config));
     std::vector<SequenceInput> in(which.size());
     for (size_t i = 0; i < which.size(); ++i) {
-      in[i] = {ids[which[i]],    &caches[i], 8, false, AllRows(ids[which[i]].size()),
+      in[i] = {ids[which[i]],    &caches[i], 8, 0, AllRows(ids[which[i]].size()),
                options[which[i]]};
     }
     auto out = model->Forward(in);
@@ -243,7 +243,7 @@ TEST(ExpertChoiceForwardTest, RejectsBadRoutingOptionNamingIt) {
   KvCache cache(*config);
   const std::vector<int32_t> ids = {1, 2};
   std::vector<SequenceInput> in(1);
-  in[0] = {ids, &cache, 0, false, {}, {RoutingMode::kExpertChoice, std::nan("")}};
+  in[0] = {ids, &cache, 0, 0, {}, {RoutingMode::kExpertChoice, std::nan("")}};
   auto out = model->Forward(in);
   ASSERT_FALSE(out.ok());
   EXPECT_NE(std::string(out.status().message()).find("batch[0].routing.capacity_factor"),

@@ -71,7 +71,7 @@ TEST_F(RandomModelTest, CachedChunksEqualWholePrefix) {
   const int64_t block = 8;
   KvCache whole_cache(config_);
   std::vector<SequenceInput> whole(1);
-  whole[0] = {ids, &whole_cache, block, false, AllRows(ids.size())};
+  whole[0] = {ids, &whole_cache, block, 0, AllRows(ids.size())};
   auto full = model_->Forward(whole);
   ASSERT_TRUE(full.ok()) << full.status();
 
@@ -79,7 +79,7 @@ TEST_F(RandomModelTest, CachedChunksEqualWholePrefix) {
   std::vector<float> chunked;
   for (int64_t start = 0; start < 24; start += block) {
     std::vector<SequenceInput> in(1);
-    in[0] = {std::span(ids).subspan(start, block), &cache, block, true, AllRows(block)};
+    in[0] = {std::span(ids).subspan(start, block), &cache, block, block, AllRows(block)};
     auto out = model_->Forward(in);
     ASSERT_TRUE(out.ok()) << out.status();
     chunked.insert(chunked.end(), out->logits.begin(), out->logits.end());
@@ -92,9 +92,9 @@ TEST_F(RandomModelTest, UncommittedStepLeavesCacheAndRepeats) {
   const std::vector<int32_t> prompt = Ids(8, 2), block = Ids(8, 3);
   KvCache cache(config_);
   std::vector<SequenceInput> in(1);
-  in[0] = {prompt, &cache, 8, true, {}};
+  in[0] = {prompt, &cache, 8, 8, {}};
   ASSERT_TRUE(model_->Forward(in).ok());
-  in[0] = {block, &cache, 8, false, AllRows(8)};
+  in[0] = {block, &cache, 8, 0, AllRows(8)};
   auto a = model_->Forward(in);
   ASSERT_TRUE(a.ok());
   EXPECT_EQ(cache.length(), 8);
@@ -109,7 +109,7 @@ TEST_F(RandomModelTest, BatchedSequenceEqualsAlone) {
     std::vector<KvCache> caches(seqs.size(), KvCache(config_));
     std::vector<SequenceInput> in(seqs.size());
     for (size_t i = 0; i < seqs.size(); ++i)
-      in[i] = {*seqs[i], &caches[i], 8, false, AllRows(seqs[i]->size())};
+      in[i] = {*seqs[i], &caches[i], 8, 0, AllRows(seqs[i]->size())};
     auto out = model_->Forward(in);
     EXPECT_TRUE(out.ok()) << out.status();
     return out->logits;
@@ -126,27 +126,27 @@ TEST_F(RandomModelTest, RejectsBadInputsNamingTheField) {
   KvCache cache(config_), other(config_);
   const std::vector<int32_t> bad_id = {1, 512, 3};
   std::vector<SequenceInput> in(1);
-  in[0] = {bad_id, &cache, 0, false, {}};
+  in[0] = {bad_id, &cache, 0, 0, {}};
   auto s = model_->Forward(in);
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.status().message()), HasSubstr("batch[0].token_ids[1] = 512"));
 
   const std::vector<int32_t> ok_ids = {1, 2, 3};
-  in[0] = {ok_ids, &cache, 0, false, {3}};
+  in[0] = {ok_ids, &cache, 0, 0, {3}};
   s = model_->Forward(in);
   ASSERT_FALSE(s.ok());
   EXPECT_THAT(std::string(s.status().message()), HasSubstr("batch[0].logit_rows"));
 
-  in[0] = {ok_ids, nullptr, 0, false, {}};
+  in[0] = {ok_ids, nullptr, 0, 0, {}};
   EXPECT_THAT(std::string(model_->Forward(in).status().message()), HasSubstr("batch[0].cache"));
 
   std::vector<SequenceInput> two(2);
-  two[0] = {ok_ids, &cache, 0, false, {}};
-  two[1] = {ok_ids, &cache, 0, false, {}};
+  two[0] = {ok_ids, &cache, 0, 0, {}};
+  two[1] = {ok_ids, &cache, 0, 0, {}};
   EXPECT_THAT(std::string(model_->Forward(two).status().message()), HasSubstr("shares its cache"));
 
   const std::vector<int32_t> long_ids(config_.max_position_embeddings + 1, 1);
-  in[0] = {long_ids, &other, 0, false, {}};
+  in[0] = {long_ids, &other, 0, 0, {}};
   EXPECT_THAT(std::string(model_->Forward(in).status().message()),
               HasSubstr("max_position_embeddings"));
   EXPECT_EQ(other.length(), 0);
@@ -159,7 +159,7 @@ TEST_F(RandomModelTest, EmptyBatchAndEmptyChunk) {
   EXPECT_TRUE(out->logits.empty());
   KvCache cache(config_);
   std::vector<SequenceInput> in(1);
-  in[0] = {std::span<const int32_t>(), &cache, 0, true, {}};
+  in[0] = {std::span<const int32_t>(), &cache, 0, 0, {}};
   EXPECT_TRUE(model_->Forward(in).ok());
   EXPECT_EQ(cache.length(), 0);
 }
