@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kernels/util/status_macros.h"
+#include "model/decoder.h"
 #include "model/safetensors.h"
 #include "nlohmann/json.hpp"
 
@@ -56,30 +57,33 @@ GoldenCheck CompareFloats(std::string name, const float* actual, const float* re
   return check;
 }
 
-}  // namespace
-
-absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::string& golden_dir,
-                                                 double tolerance) {
-  const ModelConfig& c = model.config();
+absl::StatusOr<Json> ReadGoldenJson(const std::string& golden_dir, const char* cases_key) {
   const fs::path json_path = fs::path(golden_dir) / "golden.json";
   std::ifstream in(json_path);
   if (!in) return absl::NotFoundError(absl::StrCat("cannot open ", json_path.string()));
   std::stringstream text;
   text << in.rdbuf();
   Json meta = Json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (meta.is_discarded() || !meta.is_object() || !meta.contains("forward_cases") ||
-      !meta["forward_cases"].is_array()) {
+  if (meta.is_discarded() || !meta.is_object() || !meta.contains(cases_key) ||
+      !meta[cases_key].is_array()) {
     return absl::InvalidArgumentError(
-        absl::StrCat(json_path.string(), ": expected an object with forward_cases"));
+        absl::StrCat(json_path.string(), ": expected an object with ", cases_key));
   }
+  return meta;
+}
+
+}  // namespace
+
+absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::string& golden_dir,
+                                                 double tolerance) {
+  const ModelConfig& c = model.config();
+  const fs::path json_path = fs::path(golden_dir) / "golden.json";
+  ASSIGN_OR_RETURN(Json meta, ReadGoldenJson(golden_dir, "forward_cases"));
   const int64_t golden_block = meta.value("block_length", int64_t{0});
   ASSIGN_OR_RETURN(auto file,
                    SafetensorsFile::Open((fs::path(golden_dir) / "golden.safetensors").string()));
 
   GoldenReport report;
-  if (meta.contains("generate_cases") && meta["generate_cases"].is_array()) {
-    report.num_generate_cases = static_cast<int>(meta["generate_cases"].size());
-  }
   for (const Json& fc : meta["forward_cases"]) {
     const int64_t case_id = fc.value("case", int64_t{-1});
     const int64_t batch = fc.value("batch", int64_t{0}), length = fc.value("length", int64_t{0});
@@ -174,6 +178,56 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
     report.cases.push_back(std::move(cr));
   }
   return report;
+}
+
+absl::StatusOr<std::vector<GoldenGenerateReport>> VerifyGoldenGenerate(
+    const Model& model, const std::string& golden_dir) {
+  ASSIGN_OR_RETURN(Json meta, ReadGoldenJson(golden_dir, "generate_cases"));
+  auto get_int = [&](const Json& j, const char* key) -> absl::StatusOr<int64_t> {
+    auto it = j.find(key);
+    if (it == j.end() || !it->is_number_integer()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(golden_dir, "/golden.json: missing integer \"", key, "\""));
+    }
+    return it->get<int64_t>();
+  };
+  EngineOptions engine;
+  ASSIGN_OR_RETURN(int64_t mask_id, get_int(meta, "mask_id"));
+  ASSIGN_OR_RETURN(int64_t eos_id, get_int(meta, "eos_id"));
+  ASSIGN_OR_RETURN(int64_t block_length, get_int(meta, "block_length"));
+  engine.mask_id = static_cast<int32_t>(mask_id);
+  engine.stop_ids = {static_cast<int32_t>(eos_id)};
+  std::vector<GoldenGenerateReport> reports;
+  for (const Json& gc : meta["generate_cases"]) {
+    GoldenGenerateReport r;
+    ASSIGN_OR_RETURN(int64_t case_id, get_int(gc, "case"));
+    ASSIGN_OR_RETURN(int64_t gen_length, get_int(gc, "gen_length"));
+    ASSIGN_OR_RETURN(int64_t steps, get_int(gc, "steps"));
+    if (!gc.contains("prompt") || !gc["prompt"].is_array() || !gc.contains("output") ||
+        !gc["output"].is_array() || !gc.contains("threshold") || !gc["threshold"].is_number()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(golden_dir, "/golden.json: malformed generate case ", case_id));
+    }
+    if (gc.value("temperature", 0.0) != 0.0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("generate case ", case_id, ": only temperature 0 is reproducible"));
+    }
+    r.name = absl::StrCat("gen", case_id);
+    std::vector<int32_t> prompt = gc["prompt"].get<std::vector<int32_t>>();
+    r.expected = gc["output"].get<std::vector<int32_t>>();
+    DecodeOptions decode;
+    decode.max_new_tokens = gen_length;
+    decode.block_length = block_length;
+    decode.policy = CommitPolicy::kScheduled;
+    decode.steps = steps;
+    decode.threshold = gc["threshold"].get<double>();
+    ASSIGN_OR_RETURN(GenerateResult out,
+                     GenerateOne(model, engine, prompt, decode, RoutingOptions()));
+    r.actual = std::move(out.tokens);
+    r.ok = r.actual == r.expected;
+    reports.push_back(std::move(r));
+  }
+  return reports;
 }
 
 }  // namespace moeserve

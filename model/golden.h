@@ -32,12 +32,25 @@ struct GoldenCaseReport {
 
 struct GoldenReport {
   std::vector<GoldenCaseReport> cases;
-  int num_generate_cases = 0;  // present in golden.json (checked by the decoder's verify)
   bool ok = true;
+};
+
+// One generate case: the reference generate() (scheduled policy, temperature 0, no cache) against
+// this engine's KV-cached decoder.
+struct GoldenGenerateReport {
+  std::string name;  // "gen0"
+  std::vector<int32_t> expected;
+  std::vector<int32_t> actual;
+  bool ok = false;
 };
 
 // Runs every forward case of `golden_dir` through `model` and compares.
 absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::string& golden_dir,
                                                  double tolerance = kGoldenF32Tolerance);
+
+// Runs every generate case of `golden_dir` (golden.json's generate_cases, with its mask_id,
+// eos_id and block_length) through the block-diffusion decoder with the scheduled policy.
+absl::StatusOr<std::vector<GoldenGenerateReport>> VerifyGoldenGenerate(
+    const Model& model, const std::string& golden_dir);
 
 }  // namespace moeserve

@@ -91,8 +91,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
                                                      c.max_position_embeddings));
     }
     if (seq.commit_tokens < 0 || seq.commit_tokens > n) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("batch[", s, "].commit_tokens = ", seq.commit_tokens, " is outside [0, ", n, "]"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "batch[", s, "].commit_tokens = ", seq.commit_tokens, " is outside [0, ", n, "]"));
     }
     for (int32_t row : seq.logit_rows) {
       if (row < 0 || row >= n) {
