@@ -126,7 +126,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
   output.sequences.resize(batch.size());
   std::vector<SequenceRouting> routing(batch.size());
   for (size_t s = 0; s < batch.size(); ++s) {
-    routing[s] = {spans[s].first_row, spans[s].num_tokens, batch[s].routing};
+    routing[s] = {spans[s].first_row, spans[s].num_tokens, batch[s].routing, spans[s].start_pos,
+                  batch[s].block_length};
     output.sequences[s].dropped_tokens.assign(c.num_hidden_layers, 0);
     output.sequences[s].experts_per_token.resize(c.num_hidden_layers);
   }

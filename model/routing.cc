@@ -137,8 +137,8 @@ LayerRouting RouteMoeLayer(const ModelConfig& config, const float* logits, const
   // Token-choice: each sequence's contiguous rows.
   const cpu::TokenChoiceParams tc{
       experts, topk, config.n_group, config.topk_group, config.norm_topk_prob, scale};
-  // Expert-choice scopes: one per request-scope sequence; batch-scope sequences grouped by their
-  // (capacity factor, weighting), each group one scope.
+  // Expert-choice scopes: one per block of each request-scope sequence; batch-scope sequences
+  // grouped by their (capacity factor, weighting), each group one scope.
   std::vector<std::pair<RoutingOptions, std::vector<int32_t>>> scopes;
   std::map<std::pair<double, int>, size_t> batch_scope;
   for (const SequenceRouting& seq : sequences) {
@@ -159,19 +159,22 @@ LayerRouting RouteMoeLayer(const ModelConfig& config, const float* logits, const
         break;
       }
       case RoutingMode::kExpertChoice: {
-        std::vector<int32_t>* rows;
         if (seq.options.scope == RoutingScope::kRequest) {
-          scopes.push_back({seq.options, {}});
-          rows = &scopes.back().second;
+          for (int64_t i = 0; i < seq.num_tokens; ++i) {
+            if (i == 0 || (seq.scope_block > 0 && (seq.start_pos + i) % seq.scope_block == 0)) {
+              scopes.push_back({seq.options, {}});
+            }
+            scopes.back().second.push_back(static_cast<int32_t>(seq.first_row + i));
+          }
         } else {
           const auto key =
               std::make_pair(seq.options.capacity_factor, static_cast<int>(seq.options.weighting));
           auto [it, inserted] = batch_scope.emplace(key, scopes.size());
           if (inserted) scopes.push_back({seq.options, {}});
-          rows = &scopes[it->second].second;
+          for (int64_t i = 0; i < seq.num_tokens; ++i) {
+            scopes[it->second].second.push_back(static_cast<int32_t>(seq.first_row + i));
+          }
         }
-        for (int64_t i = 0; i < seq.num_tokens; ++i)
-          rows->push_back(static_cast<int32_t>(seq.first_row + i));
         break;
       }
     }

@@ -5,10 +5,11 @@
 // (kernels/cpu/token_choice.h). Expert-choice: within a routing scope of T tokens, each expert
 // takes its top-C tokens by sigmoid score, C = clamp(ceil(capacity_factor * T * topk /
 // num_experts), 1, T); a token may get several experts or none (then only the shared expert and
-// the residual carry it). Scopes: `request` (default): one sequence's tokens in this forward, so a
-// request's output never depends on what else is batched; `batch`: all batch-scope expert-choice
-// tokens of the forward together (a load-balancing study mode). The expert kernels see only the
-// resulting plan, never the mode.
+// the residual carry it). Scopes: `request` (default): one block of one sequence (a denoising
+// block, or each block of a prefill chunk), so a request's output depends neither on what else is
+// batched nor on how the scheduler chunked it; `batch`: all batch-scope expert-choice tokens of
+// the forward together (a load-balancing study mode). The expert kernels see only the resulting
+// plan, never the mode.
 #pragma once
 
 #include <cstdint>
@@ -86,6 +87,11 @@ struct SequenceRouting {
   int64_t first_row = 0;
   int64_t num_tokens = 0;
   RoutingOptions options;
+  // Request scopes are the sequence's blocks: its rows split where the absolute position (start_pos
+  // + i) is a multiple of scope_block, so that routing does not depend on how a scheduler cut the
+  // sequence into chunks. 0: the sequence's rows in this forward are one scope.
+  int64_t start_pos = 0;
+  int64_t scope_block = 0;
 };
 
 // The routing of one MoE layer for one forward.

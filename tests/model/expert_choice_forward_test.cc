@@ -61,8 +61,8 @@ struct NaiveResult {
   double min_margin = 1e9;  // smallest score gap at any expert's capacity boundary
 };
 
-// One sequence, no cache, block-causal attention, every MoE layer expert-choice over the whole
-// sequence (request scope) with renormalized weights.
+// One sequence, no cache, block-causal attention, every MoE layer expert-choice in request scope
+// (each block of the sequence one scope) with renormalized weights.
 NaiveResult NaiveExpertChoiceForward(const Model& model, const std::vector<int32_t>& ids,
                                      int64_t block, double cf) {
   const ModelConfig& c = model.config();
@@ -121,22 +121,26 @@ NaiveResult NaiveExpertChoiceForward(const Model& model, const std::vector<int32
     } else {
       const MoeWeights& m = lw.moe;
       const Vec logits = Linear(hn, n, m.gate.weight);
-      const int64_t cap = ExpertChoiceCapacity(cf, n, c.num_experts_per_tok, c.num_experts);
-      std::vector<std::vector<int64_t>> taken(c.num_experts);
       Vec denom(n, 0.0);
       auto score = [&](int64_t t, int64_t e) {
         return 1 / (1 + std::exp(-logits[t * c.num_experts + e]));
       };
-      for (int64_t e = 0; e < c.num_experts; ++e) {
-        std::vector<int64_t> order(n);
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(),
-                         [&](int64_t a, int64_t b) { return score(a, e) > score(b, e); });
-        taken[e].assign(order.begin(), order.begin() + cap);
-        if (cap < n)
-          result.min_margin =
-              std::min(result.min_margin, score(order[cap - 1], e) - score(order[cap], e));
-        for (int64_t t : taken[e]) denom[t] += score(t, e);
+      // Request scope: each block of the sequence is its own scope.
+      std::vector<std::vector<int64_t>> taken(c.num_experts);
+      for (int64_t b0 = 0; b0 < n; b0 += block) {
+        const int64_t t_scope = std::min(block, n - b0);
+        const int64_t cap = ExpertChoiceCapacity(cf, t_scope, c.num_experts_per_tok, c.num_experts);
+        for (int64_t e = 0; e < c.num_experts; ++e) {
+          std::vector<int64_t> order(t_scope);
+          std::iota(order.begin(), order.end(), b0);
+          std::stable_sort(order.begin(), order.end(),
+                           [&](int64_t a, int64_t b) { return score(a, e) > score(b, e); });
+          taken[e].insert(taken[e].end(), order.begin(), order.begin() + cap);
+          if (cap < t_scope)
+            result.min_margin =
+                std::min(result.min_margin, score(order[cap - 1], e) - score(order[cap], e));
+          for (int64_t t = 0; t < cap; ++t) denom[order[t]] += score(order[t], e);
+        }
       }
       for (int64_t e = 0; e < c.num_experts; ++e) {
         for (int64_t t : taken[e]) {
@@ -185,8 +189,9 @@ TEST(ExpertChoiceForwardTest, MatchesNaiveReferenceOnTinyCheckpoint) {
         "%.2e)\n",
         cf, max_err / max_ref, ref.min_margin);
     EXPECT_LE(max_err / max_ref, 1e-4) << "cf " << cf;
-    // Expert-choice is really in effect: every expert of every MoE layer took exactly C tokens.
-    const int64_t cap = ExpertChoiceCapacity(cf, 24, 4, 16);
+    // Expert-choice is really in effect: every expert of every MoE layer took exactly C tokens in
+    // each of the three 8-token blocks.
+    const int64_t cap = 3 * ExpertChoiceCapacity(cf, 8, 4, 16);
     for (int64_t l = 1; l < 3; ++l) {
       const RoutingLoad& load = out->layer_load[l].by_mode[1];
       for (int64_t count : load.tokens_per_expert) EXPECT_EQ(count, cap);
@@ -212,8 +217,7 @@ TEST(ExpertChoiceForwardTest, MixedBatchEqualsEachSequenceAlone) {
     std::vector<KvCache> caches(which.size(), KvCache(*config));
     std::vector<SequenceInput> in(which.size());
     for (size_t i = 0; i < which.size(); ++i) {
-      in[i] = {ids[which[i]],    &caches[i], 8, 0, AllRows(ids[which[i]].size()),
-               options[which[i]]};
+      in[i] = {ids[which[i]], &caches[i], 8, 0, AllRows(ids[which[i]].size()), options[which[i]]};
     }
     auto out = model->Forward(in);
     EXPECT_TRUE(out.ok()) << out.status();

@@ -69,23 +69,28 @@ class RandomModelTest : public ::testing::Test {
 TEST_F(RandomModelTest, CachedChunksEqualWholePrefix) {
   const std::vector<int32_t> ids = Ids(24, 1);
   const int64_t block = 8;
-  KvCache whole_cache(config_);
-  std::vector<SequenceInput> whole(1);
-  whole[0] = {ids, &whole_cache, block, 0, AllRows(ids.size())};
-  auto full = model_->Forward(whole);
-  ASSERT_TRUE(full.ok()) << full.status();
+  // Expert-choice request scopes are blocks, so chunking does not change its routing either.
+  for (const RoutingOptions routing :
+       {RoutingOptions{}, RoutingOptions{RoutingMode::kExpertChoice, 1.0}}) {
+    KvCache whole_cache(config_);
+    std::vector<SequenceInput> whole(1);
+    whole[0] = {ids, &whole_cache, block, 0, AllRows(ids.size()), routing};
+    auto full = model_->Forward(whole);
+    ASSERT_TRUE(full.ok()) << full.status();
 
-  KvCache cache(config_);
-  std::vector<float> chunked;
-  for (int64_t start = 0; start < 24; start += block) {
-    std::vector<SequenceInput> in(1);
-    in[0] = {std::span(ids).subspan(start, block), &cache, block, block, AllRows(block)};
-    auto out = model_->Forward(in);
-    ASSERT_TRUE(out.ok()) << out.status();
-    chunked.insert(chunked.end(), out->logits.begin(), out->logits.end());
-    EXPECT_EQ(cache.length(), start + block);
+    KvCache cache(config_);
+    std::vector<float> chunked;
+    for (int64_t start = 0; start < 24; start += block) {
+      std::vector<SequenceInput> in(1);
+      in[0] = {std::span(ids).subspan(start, block), &cache, block, block, AllRows(block), routing};
+      auto out = model_->Forward(in);
+      ASSERT_TRUE(out.ok()) << out.status();
+      chunked.insert(chunked.end(), out->logits.begin(), out->logits.end());
+      EXPECT_EQ(cache.length(), start + block);
+    }
+    EXPECT_EQ(chunked, full->logits)
+        << "cached K/V must give bit-identical logits, mode " << static_cast<int>(routing.mode);
   }
-  EXPECT_EQ(chunked, full->logits) << "cached K/V must give bit-identical logits";
 }
 
 TEST_F(RandomModelTest, UncommittedStepLeavesCacheAndRepeats) {
