@@ -115,10 +115,9 @@ DiffusionEngine::DiffusionEngine(const Model* model, EngineOptions options)
 
 DiffusionEngine::~DiffusionEngine() = default;
 
-absl::StatusOr<SequenceId> DiffusionEngine::Add(std::vector<int32_t> prompt,
-                                                const DecodeOptions& decode,
-                                                const RoutingOptions& routing) {
-  const ModelConfig& c = model_->config();
+absl::Status ValidateSequence(const ModelConfig& c, std::span<const int32_t> prompt,
+                              const DecodeOptions& decode, const RoutingOptions& routing,
+                              bool can_detokenize) {
   RETURN_IF_ERROR(ValidateDecodeOptions(decode));
   if (absl::Status s = ValidateRoutingOptions(routing); !s.ok()) {
     return absl::InvalidArgumentError(absl::StrCat("routing.", s.message()));
@@ -131,19 +130,31 @@ absl::StatusOr<SequenceId> DiffusionEngine::Add(std::vector<int32_t> prompt,
                                                      c.vocab_size, ")"));
     }
   }
-  if (!decode.stop.empty() && !options_.detokenize) {
+  if (!decode.stop.empty() && !can_detokenize) {
     return absl::InvalidArgumentError("decoding.stop needs a tokenizer, and this engine has none");
   }
   // Every position up to the end of the last block must be within the model's context.
-  const int64_t b = decode.block_length;
-  const int64_t last =
-      (static_cast<int64_t>(prompt.size()) + decode.max_new_tokens + b - 1) / b * b;
+  const int64_t last = SequencePositions(static_cast<int64_t>(prompt.size()), decode);
   if (last > c.max_position_embeddings) {
     return absl::InvalidArgumentError(
         absl::StrCat("prompt (", prompt.size(), " tokens) + decoding.max_new_tokens (",
                      decode.max_new_tokens, ") rounded up to whole blocks is ", last,
                      " positions, over the context limit ", c.max_position_embeddings));
   }
+  return absl::OkStatus();
+}
+
+int64_t SequencePositions(int64_t prompt_tokens, const DecodeOptions& decode) {
+  const int64_t b = decode.block_length;
+  return (prompt_tokens + decode.max_new_tokens + b - 1) / b * b;
+}
+
+absl::StatusOr<SequenceId> DiffusionEngine::Add(std::vector<int32_t> prompt,
+                                                const DecodeOptions& decode,
+                                                const RoutingOptions& routing) {
+  const ModelConfig& c = model_->config();
+  RETURN_IF_ERROR(
+      ValidateSequence(c, prompt, decode, routing, static_cast<bool>(options_.detokenize)));
   const SequenceId id = next_id_++;
   sequences_.emplace(
       id, std::make_unique<Sequence>(c, id, std::move(prompt), decode, routing, options_.mask_id));
@@ -210,6 +221,9 @@ absl::StatusOr<StepResult> DiffusionEngine::Step() {
   result.layer_load = std::move(out.layer_load);
 
   const int64_t vocab = model_->config().vocab_size;
+  const int64_t generatable = options_.num_generatable_ids > 0
+                                  ? std::min<int64_t>(options_.num_generatable_ids, vocab)
+                                  : vocab;
   int64_t logit_row = 0;
   std::vector<SequenceId> finished;
   for (size_t s = 0; s < in_batch.size(); ++s) {
@@ -228,7 +242,8 @@ absl::StatusOr<StepResult> DiffusionEngine::Step() {
     const std::vector<int32_t>& rows = inputs[s].logit_rows;
     std::vector<Proposal> proposals;
     for (size_t r = 0; r < rows.size(); ++r) {
-      const std::span<const float> logits(out.logits.data() + (logit_row + r) * vocab, vocab);
+      const std::span<const float> logits(out.logits.data() + (logit_row + r) * vocab,
+                                          generatable);
       proposals.push_back(Propose(logits, seq.decode.sampling, options_.mask_id, &seq.rng));
     }
     logit_row += static_cast<int64_t>(rows.size());

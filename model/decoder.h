@@ -48,6 +48,14 @@ absl::Status ValidateDecodeOptions(const DecodeOptions& options);
 absl::StatusOr<CommitPolicy> ParseCommitPolicy(absl::string_view text);  // threshold | scheduled
 const char* CommitPolicyName(CommitPolicy policy);
 
+// Checks a sequence before it is added: the options, the prompt ids against the vocabulary, the
+// context limit. Errors name the field.
+absl::Status ValidateSequence(const ModelConfig& config, std::span<const int32_t> prompt,
+                              const DecodeOptions& decode, const RoutingOptions& routing,
+                              bool can_detokenize);
+// Positions a sequence occupies at most: prompt + max_new_tokens, rounded up to whole blocks.
+int64_t SequencePositions(int64_t prompt_tokens, const DecodeOptions& decode);
+
 enum class FinishReason { kNone, kEos, kLength, kStop, kCancelled };
 const char* FinishReasonName(FinishReason reason);
 
@@ -87,6 +95,9 @@ struct StepResult {
 struct EngineOptions {
   int32_t mask_id = 0;
   std::vector<int32_t> stop_ids;    // eos, role end: generation ends after the block that has one
+  // Only ids below this are ever generated (the tokenizer's vocabulary, when the model's is padded
+  // beyond it); 0: every id of the model's vocabulary.
+  int32_t num_generatable_ids = 0;
   int64_t max_batch_tokens = 4096;  // per forward
   // Reference mode for tests: every step recomputes the whole prefix (no cache reuse), the way
   // the upstream generate() does.
@@ -109,6 +120,8 @@ class DiffusionEngine {
   // One forward over the packed work of live sequences.
   absl::StatusOr<StepResult> Step();
   bool idle() const { return sequences_.empty(); }
+  // Whether stop strings can be checked (EngineOptions::detokenize is set).
+  bool can_detokenize() const { return static_cast<bool>(options_.detokenize); }
   int64_t num_sequences() const { return static_cast<int64_t>(sequences_.size()); }
   // Bytes of K/V cache held by live sequences.
   int64_t kv_cache_bytes() const;

@@ -1,6 +1,7 @@
 #include "server/commands.h"
 
 #include <cstdio>
+#include <iostream>
 #include <memory>
 #include <string>
 
@@ -9,80 +10,17 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
 #include "kernels/util/logging.h"
 #include "model/checkpoint.h"
 #include "model/golden.h"
 #include "model/model.h"
 #include "model/route_stats.h"
-
-ABSL_FLAG(std::string, model_dir, "",
-          "Hugging Face checkpoint directory (config.json + model.safetensors[.index.json]). "
-          "Empty: the built-in random-weight demo model.");
-ABSL_FLAG(std::string, golden_dir, "",
-          "verify: directory with golden.json and golden.safetensors.");
-ABSL_FLAG(double, tolerance, moeserve::kGoldenF32Tolerance,
-          "verify: largest max|a-b|/max|ref| accepted per tensor.");
-ABSL_FLAG(std::string, config, "",
-          "write-checkpoint: config.json to take the shape from. Empty: the demo model's config.");
-ABSL_FLAG(std::string, out_dir, "", "write-checkpoint: directory to write the checkpoint into.");
-ABSL_FLAG(int, shards, 1, "write-checkpoint: number of safetensors shards (> 1 adds an index).");
-ABSL_FLAG(uint64_t, seed, 0, "Random seed of the demo model, write-checkpoint and route-stats.");
-ABSL_FLAG(std::string, routing, "token_choice", "route-stats: token_choice or expert_choice.");
-ABSL_FLAG(double, capacity_factor, 1.25, "route-stats: expert-choice capacity factor, in (0, 64].");
-ABSL_FLAG(std::string, scope, "request", "route-stats: expert-choice scope, request or batch.");
-ABSL_FLAG(std::string, ec_weighting, "renormalized",
-          "route-stats: expert-choice weights, renormalized or raw.");
-ABSL_FLAG(int64_t, tokens, 4096, "route-stats: tokens to route.");
-ABSL_FLAG(int64_t, sequences, 1,
-          "route-stats: sequences the tokens are split into (request scopes).");
-ABSL_FLAG(double, skew, 0.0,
-          "route-stats: Zipf exponent of a per-expert router-logit offset (0: none).");
-ABSL_FLAG(bool, json, false, "route-stats: print JSON instead of a table.");
+#include "nlohmann/json.hpp"
+#include "server/flags.h"
+#include "server/text_model.h"
 
 namespace moeserve {
-namespace {
-
-absl::StatusOr<std::unique_ptr<Model>> LoadOrDemo() {
-  const std::string dir = absl::GetFlag(FLAGS_model_dir);
-  if (!dir.empty()) {
-    MOESERVE_LOG(INFO) << "loading checkpoint " << dir;
-    return Model::Load(dir);
-  }
-  MOESERVE_LOG(WARNING) << "**************************************************************";
-  MOESERVE_LOG(WARNING) << "* No --model_dir given: serving the BUILT-IN RANDOM-WEIGHT DEMO *";
-  MOESERVE_LOG(WARNING) << "* model. Its output is noise; use it to try the API only.      *";
-  MOESERVE_LOG(WARNING) << "**************************************************************";
-  const ModelConfig config = DemoModelConfig();
-  return Model::FromWeights(config, RandomWeights(config, {.seed = absl::GetFlag(FLAGS_seed)}));
-}
-
-void LogModelSummary(const Model& model) {
-  const ModelConfig& c = model.config();
-  MOESERVE_LOG(INFO) << absl::StrFormat(
-      "model: %s, %.3f B parameters, %d layers (%d dense, %d MoE), hidden %d, %d experts (top-%d, "
-      "%d groups / top-%d), expert width %d, %d shared, vocab %d, context %d",
-      c.model_type, ParameterCount(c) / 1e9, c.num_hidden_layers, c.first_k_dense_replace,
-      c.num_moe_layers(), c.hidden_size, c.num_experts, c.num_experts_per_tok, c.n_group,
-      c.topk_group, c.moe_intermediate_size, c.num_shared_experts, c.vocab_size,
-      c.max_position_embeddings);
-}
-
-}  // namespace
-
-int RunServe(const sigset_t& signals) {
-  auto model = LoadOrDemo();
-  if (!model.ok()) {
-    MOESERVE_LOG(ERROR) << "cannot load the model: " << model.status().message();
-    return 1;
-  }
-  LogModelSummary(**model);
-  MOESERVE_LOG(INFO) << "model ready; waiting for SIGINT or SIGTERM";
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
-  MOESERVE_LOG(INFO) << "received " << (signal_number == SIGINT ? "SIGINT" : "SIGTERM")
-                     << ", shutting down";
-  return 0;
-}
 
 int RunVerify() {
   const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
@@ -143,21 +81,9 @@ int RunRouteStats() {
     return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   };
   RouteStatsOptions options;
-  auto mode = ParseRoutingMode(absl::GetFlag(FLAGS_routing));
-  if (!mode.ok())
-    return fail(absl::InvalidArgumentError(absl::StrCat("--routing: ", mode.status().message())));
-  auto scope = ParseRoutingScope(absl::GetFlag(FLAGS_scope));
-  if (!scope.ok())
-    return fail(absl::InvalidArgumentError(absl::StrCat("--scope: ", scope.status().message())));
-  auto weighting = ParseExpertChoiceWeighting(absl::GetFlag(FLAGS_ec_weighting));
-  if (!weighting.ok()) {
-    return fail(
-        absl::InvalidArgumentError(absl::StrCat("--ec_weighting: ", weighting.status().message())));
-  }
-  options.routing = {*mode, absl::GetFlag(FLAGS_capacity_factor), *scope, *weighting};
-  if (absl::Status s = ValidateRoutingOptions(options.routing); !s.ok()) {
-    return fail(absl::InvalidArgumentError(absl::StrCat("--", s.message())));
-  }
+  auto routing = RoutingOptionsFromFlags();
+  if (!routing.ok()) return fail(routing.status());
+  options.routing = *routing;
   options.num_tokens = absl::GetFlag(FLAGS_tokens);
   options.num_sequences = absl::GetFlag(FLAGS_sequences);
   options.seed = absl::GetFlag(FLAGS_seed);
@@ -213,6 +139,129 @@ int RunWriteCheckpoint() {
     return 1;
   }
   MOESERVE_LOG(INFO) << "wrote " << out_dir;
+  return 0;
+}
+
+int RunGenerate() {
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "generate: %s\n", std::string(s.message()).c_str());
+    return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  };
+  const std::string prompt = absl::GetFlag(FLAGS_prompt);
+  if (prompt.empty()) return fail(absl::InvalidArgumentError("--prompt is empty"));
+  auto routing = RoutingOptionsFromFlags();
+  if (!routing.ok()) return fail(routing.status());
+  auto decode = DecodeOptionsFromFlags();
+  if (!decode.ok()) return fail(decode.status());
+  auto text_model = LoadTextModel(absl::GetFlag(FLAGS_model_dir), absl::GetFlag(FLAGS_tokenizer),
+                                  absl::GetFlag(FLAGS_seed));
+  if (!text_model.ok()) return fail(text_model.status());
+  LogModelSummary(*text_model);
+  const Tokenizer& tokenizer = *text_model->tokenizer;
+  std::string prompt_text = prompt;
+  if (absl::GetFlag(FLAGS_chat)) {
+    const ChatMessage message{"user", prompt};
+    auto rendered = RenderChat({&message, 1}, /*add_generation_prompt=*/true);
+    if (!rendered.ok()) return fail(rendered.status());
+    prompt_text = *rendered;
+  }
+  auto ids = tokenizer.Encode(prompt_text);
+  if (!ids.ok())
+    return fail(absl::InvalidArgumentError(absl::StrCat("--prompt: ", ids.status().message())));
+  auto engine = MakeEngineOptions(tokenizer, absl::GetFlag(FLAGS_max_batch_tokens));
+  if (!engine.ok()) return fail(engine.status());
+  const absl::Time start = absl::Now();
+  auto result = GenerateOne(*text_model->model, *engine, *ids, *decode, *routing);
+  if (!result.ok()) return fail(result.status());
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  auto text = tokenizer.Decode(result->tokens, /*skip_special_tokens=*/true);
+  if (!text.ok()) return fail(text.status());
+  std::string out = *text;
+  if (result->finish == FinishReason::kStop)
+    out.resize(std::min(out.size(), FindStop(out, decode->stop)));
+  const DecodeStats& s = result->stats;
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json j = {{"text", out},
+                        {"token_ids", result->tokens},
+                        {"finish_reason", FinishReasonName(result->finish)},
+                        {"routing", RoutingModeName(routing->mode)},
+                        {"prompt_tokens", ids->size()},
+                        {"completion_tokens", s.generated_tokens},
+                        {"forwards", s.forwards},
+                        {"denoising_steps", s.denoising_steps},
+                        {"blocks", s.blocks},
+                        {"tokens_per_forward", s.tokens_per_forward()},
+                        {"forwards_per_block", s.forwards_per_block()},
+                        {"seconds", seconds}};
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::printf("%s\n", out.c_str());
+    std::fprintf(stderr,
+                 "finish %s, routing %s, %zu prompt tokens, %lld generated in %.3f s; %lld "
+                 "forwards, %lld denoising steps, %lld blocks: %.2f tokens per forward, %.2f "
+                 "forwards per block\n",
+                 FinishReasonName(result->finish), RoutingModeName(routing->mode), ids->size(),
+                 static_cast<long long>(s.generated_tokens), seconds,
+                 static_cast<long long>(s.forwards), static_cast<long long>(s.denoising_steps),
+                 static_cast<long long>(s.blocks), s.tokens_per_forward(), s.forwards_per_block());
+  }
+  return 0;
+}
+
+int RunTokenize() {
+  auto fail = [](const absl::Status& s) {
+    std::fprintf(stderr, "tokenize: %s\n", std::string(s.message()).c_str());
+    return s.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  };
+  std::unique_ptr<Tokenizer> tokenizer;
+  const std::string path = absl::GetFlag(FLAGS_tokenizer);
+  if (path.empty()) {
+    tokenizer = Tokenizer::ByteLevelDemo();
+  } else {
+    auto loaded = Tokenizer::Load(path);
+    if (!loaded.ok()) return fail(loaded.status());
+    tokenizer = *std::move(loaded);
+  }
+  const bool decode = absl::GetFlag(FLAGS_decode);
+  std::string line;
+  int64_t line_number = 0;
+  while (std::getline(std::cin, line)) {
+    ++line_number;
+    if (line.empty()) continue;
+    const nlohmann::json in = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    const char* key = decode ? "ids" : "text";
+    if (in.is_discarded() || !in.is_object() || !in.contains(key)) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat("stdin line ", line_number, ": expected a JSON object with \"", key, "\"")));
+    }
+    nlohmann::json out;
+    if (decode) {
+      std::vector<int32_t> ids;
+      for (const nlohmann::json& id : in["ids"]) {
+        if (!id.is_number_integer()) {
+          return fail(absl::InvalidArgumentError(
+              absl::StrCat("stdin line ", line_number, ": \"ids\" must hold integers")));
+        }
+        ids.push_back(id.get<int32_t>());
+      }
+      auto text = tokenizer->Decode(ids, in.value("skip_special_tokens", false));
+      if (!text.ok())
+        return fail(absl::InvalidArgumentError(
+            absl::StrCat("stdin line ", line_number, ": ", text.status().message())));
+      out["text"] = *text;
+    } else {
+      if (!in["text"].is_string()) {
+        return fail(absl::InvalidArgumentError(
+            absl::StrCat("stdin line ", line_number, ": \"text\" must be a string")));
+      }
+      auto ids = tokenizer->Encode(in["text"].get<std::string>());
+      if (!ids.ok())
+        return fail(absl::InvalidArgumentError(
+            absl::StrCat("stdin line ", line_number, ": ", ids.status().message())));
+      out["ids"] = *ids;
+    }
+    std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  }
   return 0;
 }
 

@@ -13,5 +13,9 @@ int RunVerify();
 int RunRouteStats();
 // Writes a random-weight checkpoint.
 int RunWriteCheckpoint();
+// Generates from --prompt offline and prints the text and the decoding statistics.
+int RunGenerate();
+// JSON lines on stdin to JSON lines on stdout: {"text"} to {"ids"}, or the reverse with --decode.
+int RunTokenize();
 
 }  // namespace moeserve

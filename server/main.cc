@@ -4,6 +4,8 @@
 //   moeserve verify             check a checkpoint against golden reference outputs
 //   moeserve write-checkpoint   write a random-weight checkpoint in the Hugging Face layout
 //   moeserve route-stats        routing load statistics of every MoE layer
+//   moeserve generate           generate from --prompt offline and print the statistics
+//   moeserve tokenize           JSON lines of text to ids (or back with --decode)
 //
 // Flags are shared by all commands; `moeserve --help` lists them.
 #include <signal.h>
@@ -24,11 +26,16 @@ ABSL_FLAG(std::string, log_level, "info", "Minimum log level: debug, info, warni
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "LLaDA2 MoE inference server.\n"
-      "usage: moeserve [serve|verify|write-checkpoint|route-stats] [--flags]\n"
+      "usage: moeserve [serve|verify|write-checkpoint|route-stats|generate|tokenize] [--flags]\n"
       "  serve             load --model_dir (or the built-in random-weight demo model) and serve\n"
+      "                    gRPC on --port until SIGTERM/SIGINT (then drain and exit 0)\n"
       "  verify            compare --model_dir against the reference outputs in --golden_dir\n"
       "  write-checkpoint  write a random-weight checkpoint of --config (or the demo) to "
-      "--out_dir");
+      "--out_dir\n"
+      "  route-stats       routing load per MoE layer over --tokens random tokens\n"
+      "  generate          generate from --prompt offline; print the text and statistics\n"
+      "  tokenize          stdin {\"text\": ...} lines to {\"ids\": [...]} lines (--decode: "
+      "the reverse), with --tokenizer or the demo's byte-level tokenizer");
   // Block the shutdown signals before any thread starts; the serve loop waits for them.
   sigset_t signals;
   sigemptyset(&signals);
@@ -53,6 +60,8 @@ int main(int argc, char** argv) {
   if (command == "verify") return moeserve::RunVerify();
   if (command == "write-checkpoint") return moeserve::RunWriteCheckpoint();
   if (command == "route-stats") return moeserve::RunRouteStats();
+  if (command == "generate") return moeserve::RunGenerate();
+  if (command == "tokenize") return moeserve::RunTokenize();
   std::fprintf(stderr, "unknown command \"%s\"; see moeserve --help\n", command.c_str());
   return 2;
 }

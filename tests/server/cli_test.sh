@@ -14,13 +14,65 @@ check() {  # check NAME EXPECTED_RC ACTUAL_RC
 
 # serve: starts on the demo model, says so loudly, stops cleanly on each signal.
 for sig in TERM INT; do
-  "$MOESERVE" serve >"$TMP/serve.log" 2>&1 &
+  "$MOESERVE" serve --port 0 --metrics_port 0 >"$TMP/serve.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 100); do grep -q "model ready" "$TMP/serve.log" && break; sleep 0.1; done
+  for _ in $(seq 1 100); do grep -q "ready: health SERVING" "$TMP/serve.log" && break; sleep 0.1; done
   grep -q "RANDOM-WEIGHT DEMO" "$TMP/serve.log"; check "serve warns about the demo model" 0 $?
   kill -s "$sig" "$pid"
   wait "$pid"; check "serve exits 0 on SIG$sig" 0 $?
+  grep -q "drained; exiting" "$TMP/serve.log"; check "serve drains on SIG$sig" 0 $?
 done
+
+# generate: text and statistics offline; bad options are usage errors that name the flag.
+"$MOESERVE" generate --prompt "Hello" --max_new_tokens 16 --block_length 8 --json >"$TMP/gen.json" 2>"$TMP/gen.log"
+check "generate on the demo model" 0 $?
+python3 -c "
+import json, sys
+j = json.load(open('$TMP/gen.json'))
+assert 0 < j['completion_tokens'] <= 16 and j['forwards'] > 0 and j['tokens_per_forward'] > 0, j
+assert j['prompt_tokens'] == 5, j
+"; check "generate prints ids, counts, tokens per forward" 0 $?
+"$MOESERVE" generate --prompt "Hello" --max_new_tokens 16 --routing expert_choice --capacity_factor 1.0 --policy scheduled \
+  --chat >/dev/null 2>"$TMP/gen.log"
+check "generate with expert-choice, scheduled policy, chat template" 0 $?
+grep -q "tokens per forward" "$TMP/gen.log"; check "generate reports tokens per forward" 0 $?
+bad_generate() {  # bad_generate NAME EXPECTED_TEXT ARGS...
+  local name="$1" expect="$2"
+  shift 2
+  "$MOESERVE" generate "$@" >/dev/null 2>"$TMP/bad.log"
+  check "generate rejects $name" 2 $?
+  grep -q -- "$expect" "$TMP/bad.log"; check "the error names $expect" 0 $?
+}
+bad_generate "an empty prompt" "--prompt" --prompt ""
+bad_generate "invalid UTF-8" "UTF-8" --prompt "$(printf 'ab\xffcd')"
+bad_generate "max_new_tokens 0" "--max_new_tokens" --prompt hi --max_new_tokens 0
+bad_generate "max_new_tokens over the limit" "--max_new_tokens" --prompt hi --max_new_tokens 1000000
+bad_generate "a prompt over the context" "context limit" --prompt hi --max_new_tokens 5000
+bad_generate "block_length 0" "--block_length" --prompt hi --block_length 0
+bad_generate "block_length over the limit" "--block_length" --prompt hi --block_length 100000
+bad_generate "threshold 1.5" "--threshold" --prompt hi --threshold 1.5
+bad_generate "an unknown policy" "--policy" --prompt hi --policy greedy
+
+# tokenize: JSON lines both ways, with the demo tokenizer and with a tokenizer.json.
+out=$(printf '{"text": "h\u00e9<|mask|>"}\n' | "$MOESERVE" tokenize)
+[ "$out" = '{"ids":[104,195,169,257]}' ]; check "tokenize with the demo tokenizer (got $out)" 0 $?
+out=$(printf '{"ids": [104,195,169,257]}\n' | "$MOESERVE" tokenize --decode)
+[ "$out" = '{"text":"hé<|mask|>"}' ]; check "tokenize --decode (got $out)" 0 $?
+python3 -c "
+import json
+for line in open('$DATA/tokenizer/cases.jsonl'):
+    print(json.dumps({'text': json.loads(line)['text']}))
+" >"$TMP/texts.jsonl"
+"$MOESERVE" tokenize --tokenizer "$DATA/tokenizer/tokenizer.json" <"$TMP/texts.jsonl" >"$TMP/ids.jsonl"
+check "tokenize every golden text" 0 $?
+python3 -c "
+import json
+want = [json.loads(l)['ids'] for l in open('$DATA/tokenizer/cases.jsonl')]
+got = [json.loads(l)['ids'] for l in open('$TMP/ids.jsonl')]
+assert want == got, 'ids differ'
+"; check "tokenize output equals the Hugging Face ids" 0 $?
+printf 'not json\n' | "$MOESERVE" tokenize >/dev/null 2>&1
+check "tokenize rejects a bad line" 2 $?
 
 "$MOESERVE" verify --model_dir "$DATA/llada2-tiny" --golden_dir "$DATA/llada2-tiny" >"$TMP/verify.log" 2>&1
 check "verify passes on the golden checkpoint" 0 $?
