@@ -397,8 +397,9 @@ int Bench() {
     while (absl::Now() < end) {
       const int64_t n = issued.fetch_add(1);
       if (max_requests > 0 && n >= max_requests) break;
-      // Deterministic mix: request n is expert-choice for the first fraction of every 100.
-      const bool ec = (n % 100) < static_cast<int64_t>(std::lround(ec_fraction * 100));
+      // Deterministic, evenly spread mix: request n is expert-choice when the running count
+      // floor(n * fraction) steps up at it.
+      const bool ec = std::floor((n + 1) * ec_fraction) > std::floor(n * ec_fraction);
       v1::GenerateRequest request = base;
       request.mutable_routing()->set_mode(ec ? v1::ROUTING_MODE_EXPERT_CHOICE
                                              : v1::ROUTING_MODE_TOKEN_CHOICE);
@@ -428,6 +429,11 @@ int Bench() {
       if (!s.ok) {
         s.code = absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()));
         ++errors;
+        // Overloaded, draining or unreachable: back off instead of spinning.
+        if (status.error_code() == grpc::StatusCode::UNAVAILABLE ||
+            status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+          absl::SleepFor(absl::Milliseconds(100));
+        }
       } else {
         tokens += s.completion_tokens;
       }

@@ -15,6 +15,8 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev prometheus-cpp-dev nlohmann-json3-dev libpcre2-dev
   libgtest-dev libgmock-dev
+  # End-to-end tests: clients and probers nobody here wrote, certificates, JSON checks.
+  python3 python3-grpcio prometheus-blackbox-exporter prometheus openssl curl
 )
 
 missing=()
@@ -23,9 +25,22 @@ for p in "${PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "setup-debian.sh: all packages already installed"
-  exit 0
+else
+  echo "setup-debian.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-echo "setup-debian.sh: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+# `buf curl` (a generic gRPC client that uses server reflection) for the end-to-end tests, from
+# npm into .tools/ of the source tree.
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BUF_VERSION=1.75.0
+if [ ! -x "$ROOT/.tools/node_modules/.bin/buf" ]; then
+  if ! command -v npm >/dev/null; then
+    echo "setup-debian.sh: installing npm"
+    $SUDO apt-get install -y -q --no-install-recommends npm
+  fi
+  echo "setup-debian.sh: installing @bufbuild/buf@$BUF_VERSION into $ROOT/.tools"
+  npm install --prefix "$ROOT/.tools" --no-audit --no-fund --loglevel=error "@bufbuild/buf@$BUF_VERSION"
+fi
