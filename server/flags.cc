@@ -67,7 +67,11 @@ ABSL_FLAG(int64_t, max_queue_length, 256,
 ABSL_FLAG(double, kv_cache_gib, 4.0, "serve: KV cache budget over all admitted requests, GiB.");
 ABSL_FLAG(int64_t, max_request_bytes, 4 << 20, "serve: largest request message accepted, bytes.");
 ABSL_FLAG(int64_t, expert_load_window, 100,
-          "serve: forwards covered by GetExpertLoad's recent window.");
+          "serve: forwards covered by GetExpertLoad's recent window and by the "
+          "moeserve_expert_load_max_over_mean / moeserve_expert_load_cv gauges.");
+ABSL_FLAG(std::string, expert_metrics, "per_expert",
+          "serve: expert-load metrics, per_expert (adds moeserve_expert_tokens_total{layer, "
+          "expert, routing}), per_layer or off. See docs/METRICS.md for the series counts.");
 ABSL_FLAG(double, drain_grace_seconds, 30,
           "serve: on SIGTERM, how long in-flight requests may take to finish before they end "
           "with UNAVAILABLE.");
@@ -77,7 +81,8 @@ ABSL_FLAG(std::string, tls_client_ca_file, "",
           "serve: PEM CA bundle; clients must present a certificate it signed (mutual TLS).");
 ABSL_FLAG(std::string, auth_token_file, "",
           "serve: file holding a bearer token every MoeServe call must send as `authorization: "
-          "Bearer <token>` (health checks excepted). Empty: no token.");
+          "Bearer <token>` (health checks excepted), and the password of HTTP basic auth on "
+          "/metrics (any user name). Empty: no token.");
 
 namespace moeserve {
 namespace {

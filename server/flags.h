@@ -54,6 +54,7 @@ ABSL_DECLARE_FLAG(int64_t, max_queue_length);
 ABSL_DECLARE_FLAG(double, kv_cache_gib);
 ABSL_DECLARE_FLAG(int64_t, max_request_bytes);
 ABSL_DECLARE_FLAG(int64_t, expert_load_window);
+ABSL_DECLARE_FLAG(std::string, expert_metrics);
 ABSL_DECLARE_FLAG(double, drain_grace_seconds);
 ABSL_DECLARE_FLAG(std::string, tls_cert_file);
 ABSL_DECLARE_FLAG(std::string, tls_key_file);

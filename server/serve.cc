@@ -26,8 +26,10 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "kernels/util/logging.h"
 #include "kernels/util/status_macros.h"
+#include "prometheus/exposer.h"
 #include "server/commands.h"
 #include "server/flags.h"
+#include "server/metrics.h"
 #include "server/service.h"
 #include "server/text_model.h"
 
@@ -112,8 +114,41 @@ absl::StatusOr<SchedulerOptions> SchedulerOptionsFromFlags() {
   return options;
 }
 
+// Compares without an early exit (the /metrics basic-auth password).
+bool SamePassword(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+// The /metrics endpoint on --metrics_port (nullptr for 0), protected by basic auth with the bearer
+// token as password when --auth_token_file is set. Serves nothing until the model is loaded.
+absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(const std::string& token) {
+  const int port = absl::GetFlag(FLAGS_metrics_port);
+  if (port == 0) return nullptr;
+  if (port < 0 || port > 65535) {
+    return absl::InvalidArgumentError("--metrics_port must be in [0, 65535]");
+  }
+  const std::string address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", port);
+  std::unique_ptr<prometheus::Exposer> exposer;
+  try {
+    exposer = std::make_unique<prometheus::Exposer>(address, 2);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(
+        absl::StrCat("--metrics_port: cannot listen on ", address, ": ", e.what()));
+  }
+  if (!token.empty()) {
+    exposer->RegisterAuth([token](const std::string&, const std::string& password) {
+      return SamePassword(password, token);
+    });
+  }
+  return exposer;
+}
+
 // Loads everything the service needs and warms the engine up with one short generation.
-absl::StatusOr<std::unique_ptr<Backend>> LoadBackend(const SchedulerOptions& scheduler_options) {
+absl::StatusOr<std::unique_ptr<Backend>> LoadBackend(const SchedulerOptions& scheduler_options,
+                                                     ExpertMetricsLevel expert_metrics) {
   ASSIGN_OR_RETURN(TextModel text_model,
                    LoadTextModel(absl::GetFlag(FLAGS_model_dir), absl::GetFlag(FLAGS_tokenizer),
                                  absl::GetFlag(FLAGS_seed)));
@@ -138,9 +173,32 @@ absl::StatusOr<std::unique_ptr<Backend>> LoadBackend(const SchedulerOptions& sch
   backend->expert_load = std::make_unique<ExpertLoadTracker>(
       backend->model->config(), absl::GetFlag(FLAGS_expert_load_window));
   ExpertLoadTracker* load = backend->expert_load.get();
+  ServerMetricsOptions metrics_options;
+  metrics_options.expert_level = expert_metrics;
+  metrics_options.load_window = absl::GetFlag(FLAGS_expert_load_window);
+  metrics_options.version = MOESERVE_VERSION;
+  metrics_options.model = backend->model_name;
+  metrics_options.backend = backend->backend;
+  backend->metrics = std::make_unique<ServerMetrics>(backend->model->config(), metrics_options);
+  ServerMetrics* metrics = backend->metrics.get();
   backend->scheduler = std::make_unique<Scheduler>(
       backend->model.get(), std::move(engine), scheduler_options,
-      [load](const StepResult& step, absl::Duration) { load->Add(step.layer_load); });
+      [load, metrics](const StepResult& step, absl::Duration step_time) {
+        load->Add(step.layer_load);
+        metrics->ObserveStep(step, step_time);
+      });
+  const Scheduler* scheduler = backend->scheduler.get();
+  metrics->SetQueueStatsSource([scheduler] {
+    const SchedulerStats s = scheduler->stats();
+    QueueStats q;
+    q.waiting = s.queue_length;
+    q.running = s.running_sequences;
+    q.waiting_limit = scheduler->options().max_queue_length;
+    q.kv_cache_usage_ratio = s.kv_budget_bytes > 0 ? static_cast<double>(s.kv_reserved_bytes) /
+                                                         static_cast<double>(s.kv_budget_bytes)
+                                                   : 0.0;
+    return q;
+  });
   return backend;
 }
 
@@ -150,8 +208,13 @@ int RunServe(const sigset_t& signals) {
   auto service_options = ServiceOptionsFromFlags();
   auto scheduler_options = SchedulerOptionsFromFlags();
   auto credentials = Credentials();
-  for (const absl::Status& s :
-       {service_options.status(), scheduler_options.status(), credentials.status()}) {
+  auto expert_metrics = ParseExpertMetricsLevel(absl::GetFlag(FLAGS_expert_metrics));
+  if (!expert_metrics.ok()) {
+    expert_metrics = absl::InvalidArgumentError(
+        absl::StrCat("--expert_metrics: ", expert_metrics.status().message()));
+  }
+  for (const absl::Status& s : {service_options.status(), scheduler_options.status(),
+                                credentials.status(), expert_metrics.status()}) {
     if (!s.ok()) {
       std::fprintf(stderr, "serve: %s\n", std::string(s.message()).c_str());
       return 2;
@@ -182,6 +245,18 @@ int RunServe(const sigset_t& signals) {
     MOESERVE_LOG(ERROR) << "cannot listen on " << address << " (in use, or a bad --host)";
     return 1;
   }
+  auto exposer = StartExposer(service_options->auth_token);
+  if (!exposer.ok()) {
+    MOESERVE_LOG(ERROR) << exposer.status().message();
+    server->Shutdown(absl::ToChronoTime(absl::Now()));
+    return 1;
+  }
+  if (*exposer != nullptr) {
+    MOESERVE_LOG(INFO) << absl::StrFormat(
+        "metrics on http://%s:%d/metrics (expert metrics %s%s)", absl::GetFlag(FLAGS_host),
+        absl::GetFlag(FLAGS_metrics_port), ExpertMetricsLevelName(*expert_metrics),
+        auth ? ", basic auth with the bearer token as password" : "");
+  }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(false);
   MOESERVE_LOG(INFO) << absl::StrFormat(
@@ -195,10 +270,11 @@ int RunServe(const sigset_t& signals) {
   absl::Status load_status;
   absl::Notification loaded;
   std::thread loader([&] {
-    auto result = LoadBackend(*scheduler_options);
+    auto result = LoadBackend(*scheduler_options, *expert_metrics);
     if (result.ok()) {
       backend = *std::move(result);
       service.SetBackend(backend.get());
+      if (*exposer != nullptr) (*exposer)->RegisterCollectable(backend->metrics->collectable());
       health->SetServingStatus(true);
       MOESERVE_LOG(INFO) << "ready: health SERVING";
     } else {
@@ -245,6 +321,7 @@ int RunServe(const sigset_t& signals) {
   // Calls have their final events; give their threads a moment to send them.
   server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   server->Wait();
+  exposer->reset();  // no scrape may reach the metrics once the backend is gone
   backend.reset();
   MOESERVE_LOG(INFO) << "drained; exiting";
   return 0;

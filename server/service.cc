@@ -53,6 +53,30 @@ grpc::Status MoeServeService::Run(grpc::ServerContext* context, const v1::Genera
                                   grpc::ServerWriter<v1::GenerateResponse>* writer,
                                   v1::GenerateResponse* final_response) {
   const absl::Time arrival = absl::Now();
+  // The request's routing mode where it names one, else the server's default (until validated).
+  RequestOutcome outcome;
+  outcome.routing = options_.defaults.routing.mode;
+  if (request.routing().mode() == v1::ROUTING_MODE_TOKEN_CHOICE) {
+    outcome.routing = RoutingMode::kTokenChoice;
+  } else if (request.routing().mode() == v1::ROUTING_MODE_EXPERT_CHOICE) {
+    outcome.routing = RoutingMode::kExpertChoice;
+  }
+  grpc::Status status = RunGeneration(context, request, writer, final_response, &outcome);
+  Backend* backend = backend_.load();
+  if (backend != nullptr && backend->metrics != nullptr) {
+    outcome.code = static_cast<int>(status.error_code());
+    outcome.total_time = absl::Now() - arrival;
+    backend->metrics->ObserveRequest(outcome);
+  }
+  return status;
+}
+
+grpc::Status MoeServeService::RunGeneration(grpc::ServerContext* context,
+                                            const v1::GenerateRequest& request,
+                                            grpc::ServerWriter<v1::GenerateResponse>* writer,
+                                            v1::GenerateResponse* final_response,
+                                            RequestOutcome* outcome) {
+  const absl::Time arrival = absl::Now();
   auto backend = Admit(*context);
   if (!backend.ok()) return ToGrpcStatus(backend.status());
   Backend& b = **backend;
@@ -62,6 +86,7 @@ grpc::Status MoeServeService::Run(grpc::ServerContext* context, const v1::Genera
                        << " rejected: " << generation.status().message();
     return ToGrpcStatus(generation.status());
   }
+  outcome->routing = generation->routing.mode;
   generation->arrival = arrival;
   generation->deadline = DeadlineOf(*context);
   const std::string request_id = generation->request_id;
@@ -98,6 +123,11 @@ grpc::Status MoeServeService::Run(grpc::ServerContext* context, const v1::Genera
       }
       continue;
     }
+    outcome->queued = true;
+    outcome->queue_time = event->queue_time;
+    outcome->first_block_time = event->first_block_time;
+    outcome->prompt_tokens = event->stats.prompt_tokens;
+    outcome->generated_tokens = event->stats.generated_tokens;
     if (!event->status.ok()) return ToGrpcStatus(event->status);
     text.AddLast(event->tokens);
     auto rest = text.Finish(event->finish == FinishReason::kStop);

@@ -11,6 +11,7 @@
 #include "model/tokenizer.h"
 #include "moeserve/v1/moeserve.grpc.pb.h"
 #include "server/expert_load.h"
+#include "server/metrics.h"
 #include "server/requests.h"
 #include "server/scheduler.h"
 
@@ -21,6 +22,7 @@ struct Backend {
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<ExpertLoadTracker> expert_load;
+  std::unique_ptr<ServerMetrics> metrics;  // optional; outlives the scheduler, which feeds it
   std::unique_ptr<Scheduler> scheduler;
   std::string model_name;
   bool random_weights = false;
@@ -60,6 +62,10 @@ class MoeServeService final : public v1::MoeServe::Service {
   grpc::Status Run(grpc::ServerContext* context, const v1::GenerateRequest& request,
                    grpc::ServerWriter<v1::GenerateResponse>* writer,
                    v1::GenerateResponse* final_response);
+  // Run's work; fills `outcome` (all but the status code) for the metrics.
+  grpc::Status RunGeneration(grpc::ServerContext* context, const v1::GenerateRequest& request,
+                             grpc::ServerWriter<v1::GenerateResponse>* writer,
+                             v1::GenerateResponse* final_response, RequestOutcome* outcome);
 
   const ServiceOptions options_;
   std::atomic<Backend*> backend_{nullptr};

@@ -41,7 +41,7 @@ start_server() {
   [ -n "$PORT" ] && grep -q "ready: health SERVING" "$log"
 }
 
-start_server "$TMP/serve.log" --max_queue_length 64; check "server starts on the demo model" 0 $?
+start_server "$TMP/serve.log" --max_queue_length 64 --drain_grace_seconds 300; check "server starts on the demo model" 0 $?
 T="localhost:$PORT"
 
 # --- moeserve-cli ---
@@ -60,7 +60,7 @@ grep -q "ROUTING_MODE_EXPERT_CHOICE" "$TMP/load.txt"; check "expert-load shows b
 grep -q "INVALID_ARGUMENT: routing.capacity_factor" "$TMP/bad.err"; check "... INVALID_ARGUMENT naming the field" 0 $?
 
 # bench: both modes, concurrently; a JSON report.
-"$CLI" bench --target "$T" --prompt "Benchmark" --max_new_tokens 32 --concurrency 4 --requests 16 \
+"$CLI" bench --target "$T" --prompt "Benchmark" --max_new_tokens 32 --concurrency 4 --requests 16 --duration_seconds 0 \
   --expert_choice_fraction 0.5 --report "$TMP/bench.json" >"$TMP/bench.txt" 2>/dev/null
 check "cli bench" 0 $?
 "$PY" -c "

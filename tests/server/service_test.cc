@@ -2,6 +2,7 @@
 // model (random weights, byte-level tokenizer), called through the generated stub.
 #include "server/service.h"
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -429,6 +430,52 @@ TEST(ServiceTest, ExpertLoadCountsEveryRoutedToken) {
       }
     }
   }
+}
+
+// With one slot, waiting requests are admitted by priority, then by arrival.
+TEST(SchedulerTest, AdmitsByPriorityThenArrival) {
+  const ModelConfig config = DemoModelConfig();
+  auto model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
+  auto tokenizer = Tokenizer::ByteLevelDemo();
+  auto engine = MakeEngineOptions(*tokenizer, 4096);
+  ASSERT_TRUE(engine.ok());
+  Scheduler scheduler(model.get(), *engine, {.max_queue_length = 8, .max_concurrent_sequences = 1});
+  auto request = [](const std::string& id, int priority) {
+    GenerationRequest r;
+    r.request_id = id;
+    r.prompt = {1, 2, 3};
+    r.decode.max_new_tokens = 8;
+    r.decode.block_length = 8;
+    r.priority = priority;
+    return r;
+  };
+  std::vector<std::shared_ptr<RequestHandle>> handles;
+  for (auto [id, priority] : std::vector<std::pair<std::string, int>>{
+           {"first", 0}, {"low", -1}, {"normal", 0}, {"high", 5}, {"normal2", 0}}) {
+    auto h = scheduler.Submit(request(id, priority));
+    ASSERT_TRUE(h.ok()) << h.status();
+    handles.push_back(*h);
+    // "first" takes the only slot before the others arrive.
+    while (id == "first" && scheduler.stats().running_sequences == 0) {
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+  }
+  // Order of completion = order of admission (one slot, equal lengths).
+  std::vector<std::pair<absl::Time, std::string>> done;
+  for (auto& h : handles) {
+    while (true) {
+      auto e = h->Next(absl::Seconds(30));
+      ASSERT_TRUE(e.has_value());
+      if (!e->final) continue;
+      ASSERT_TRUE(e->status.ok()) << e->status;
+      done.push_back({h->request().arrival + e->total_time, h->request().request_id});
+      break;
+    }
+  }
+  std::sort(done.begin(), done.end());
+  std::vector<std::string> order;
+  for (auto& [t, id] : done) order.push_back(id);
+  EXPECT_EQ(order, (std::vector<std::string>{"first", "high", "normal", "normal2", "low"}));
 }
 
 TEST(ServiceTest, ModelInfoDescribesTheDemo) {
