@@ -210,6 +210,7 @@ absl::StatusOr<StepResult> DiffusionEngine::Step() {
       }
     }
     in.routing = seq.routing;
+    in.greedy = seq.decode.sampling.temperature == 0;
     budget -= end - start;
     result.batch_tokens += end - start;
     inputs.push_back(std::move(in));
@@ -217,14 +218,15 @@ absl::StatusOr<StepResult> DiffusionEngine::Step() {
     denoising.push_back(denoise);
   }
   result.batch_sequences = static_cast<int64_t>(inputs.size());
-  ASSIGN_OR_RETURN(ForwardOutput out, model_->Forward(inputs));
-  result.layer_load = std::move(out.layer_load);
-
   const int64_t vocab = model_->config().vocab_size;
   const int64_t generatable = options_.num_generatable_ids > 0
                                   ? std::min<int64_t>(options_.num_generatable_ids, vocab)
                                   : vocab;
-  int64_t logit_row = 0;
+  ASSIGN_OR_RETURN(ForwardOutput out,
+                   model_->Forward(inputs, nullptr, {options_.mask_id, generatable}));
+  result.layer_load = std::move(out.layer_load);
+
+  int64_t logit_row = 0, greedy_row = 0;
   std::vector<SequenceId> finished;
   for (size_t s = 0; s < in_batch.size(); ++s) {
     Sequence& seq = *in_batch[s];
@@ -241,12 +243,18 @@ absl::StatusOr<StepResult> DiffusionEngine::Step() {
     // Propose for every masked position, then commit by the policy.
     const std::vector<int32_t>& rows = inputs[s].logit_rows;
     std::vector<Proposal> proposals;
-    for (size_t r = 0; r < rows.size(); ++r) {
-      const std::span<const float> logits(out.logits.data() + (logit_row + r) * vocab,
-                                          generatable);
-      proposals.push_back(Propose(logits, seq.decode.sampling, options_.mask_id, &seq.rng));
+    if (inputs[s].greedy) {
+      proposals.assign(out.greedy.begin() + greedy_row,
+                       out.greedy.begin() + greedy_row + static_cast<int64_t>(rows.size()));
+      greedy_row += static_cast<int64_t>(rows.size());
+    } else {
+      for (size_t r = 0; r < rows.size(); ++r) {
+        const std::span<const float> logits(out.logits.data() + (logit_row + r) * vocab,
+                                            generatable);
+        proposals.push_back(Propose(logits, seq.decode.sampling, options_.mask_id, &seq.rng));
+      }
+      logit_row += static_cast<int64_t>(rows.size());
     }
-    logit_row += static_cast<int64_t>(rows.size());
     const int64_t quota = ScheduledQuota(seq.decode.block_length, seq.steps,
                                          std::min(seq.step_in_block, seq.steps - 1));
     for (int32_t i : ChooseCommits(seq.decode.policy, seq.decode.threshold, quota, proposals)) {

@@ -103,7 +103,8 @@ absl::StatusOr<GoldenReport> VerifyGoldenForward(const Model& model, const std::
 
     // One sequence per batch row, each with a fresh cache, all rows' logits.
     std::vector<std::vector<int32_t>> ids(batch);
-    std::vector<KvCache> caches(batch, KvCache(c));
+    std::vector<KvCache> caches;
+    for (int64_t i = 0; i < batch; ++i) caches.emplace_back(c);
     std::vector<SequenceInput> inputs(batch);
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t i = 0; i < length; ++i)

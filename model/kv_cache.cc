@@ -22,6 +22,7 @@ void KvCache::Clear() {
   capacity_ = 0;
   for (auto& k : keys_) std::vector<float>().swap(k);
   for (auto& v : values_) std::vector<float>().swap(v);
+  device_state_.reset();
 }
 
 }  // namespace moeserve

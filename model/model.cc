@@ -15,16 +15,13 @@
 #include "kernels/util/logging.h"
 #include "kernels/util/status_macros.h"
 #include "model/checkpoint.h"
+#if MOESERVE_HAVE_CUDA
+#include "kernels/cuda/cuda_check.h"
+#include "model/gpu_model.h"
+#endif
 
 namespace moeserve {
 namespace {
-
-// Where one sequence's chunk sits in the packed token rows.
-struct Span {
-  int64_t first_row;
-  int64_t num_tokens;
-  int64_t start_pos;
-};
 
 // out[n, hidden] += W2 · swiglu(W13 · x)
 void DenseMlp(const MlpWeights& mlp, const float* x, int64_t n, float* out) {
@@ -38,29 +35,76 @@ void DenseMlp(const MlpWeights& mlp, const float* x, int64_t n, float* out) {
 
 }  // namespace
 
+const char* DeviceName(Device device) {
+  switch (device) {
+    case Device::kCpu:
+      return "cpu";
+    case Device::kCuda:
+      return "cuda";
+  }
+  return "?";
+}
+
+bool CudaAvailable() {
+#if MOESERVE_HAVE_CUDA
+  return cuda::CudaDeviceAvailable();
+#else
+  return false;
+#endif
+}
+
+absl::StatusOr<Device> ParseDevice(absl::string_view text) {
+  if (text == "cpu") return Device::kCpu;
+  if (text == "cuda") return Device::kCuda;
+  if (text == "auto") return CudaAvailable() ? Device::kCuda : Device::kCpu;
+  return absl::InvalidArgumentError(
+      absl::StrCat("device \"", text, "\" is unknown: cpu, cuda or auto"));
+}
+
 Model::Model(ModelConfig config, ModelWeights weights)
     : config_(std::move(config)), weights_(std::move(weights)) {}
+
+Model::~Model() = default;
 
 std::unique_ptr<Model> Model::FromWeights(ModelConfig config, ModelWeights weights) {
   return std::unique_ptr<Model>(new Model(std::move(config), std::move(weights)));
 }
 
-absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir) {
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(ModelConfig config, ModelWeights weights,
+                                                     const ModelOptions& options) {
+  switch (options.device) {
+    case Device::kCpu:
+      return FromWeights(std::move(config), std::move(weights));
+    case Device::kCuda: {
+#if MOESERVE_HAVE_CUDA
+      ASSIGN_OR_RETURN(std::unique_ptr<GpuModel> gpu,
+                       GpuModel::Create(config, weights, options.gpu_matrix_dtype));
+      std::unique_ptr<Model> model(new Model(std::move(config), ModelWeights()));
+      model->gpu_ = std::move(gpu);
+      return model;
+#else
+      return absl::FailedPreconditionError(
+          "device cuda: this binary was built without the CUDA backend (-DMOESERVE_CUDA=OFF or "
+          "no CUDA toolkit)");
+#endif
+    }
+  }
+  return absl::InternalError("unknown device");
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
+                                                   const ModelOptions& options) {
   ASSIGN_OR_RETURN(ModelConfig config,
                    LoadModelConfig((std::filesystem::path(dir) / "config.json").string()));
   ASSIGN_OR_RETURN(ModelWeights weights, LoadCheckpointWeights(dir, config));
-  return FromWeights(std::move(config), std::move(weights));
+  return Create(std::move(config), std::move(weights), options);
 }
 
-absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
-                                             ForwardTrace* trace) const {
-  const ModelConfig& c = config_;
-  const int64_t hidden = c.hidden_size;
-
-  // Validate everything before computing anything.
-  std::vector<Span> spans;
+absl::StatusOr<std::vector<BatchSpan>> ValidateBatch(const ModelConfig& c,
+                                                     std::span<const SequenceInput> batch) {
+  std::vector<BatchSpan> spans;
   std::set<const KvCache*> caches;
-  int64_t num_tokens = 0, num_logit_rows = 0;
+  int64_t num_tokens = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
     const SequenceInput& seq = batch[s];
     if (seq.cache == nullptr)
@@ -102,7 +146,45 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
     }
     spans.push_back({num_tokens, n, start});
     num_tokens += n;
-    num_logit_rows += static_cast<int64_t>(seq.logit_rows.size());
+  }
+  return spans;
+}
+
+std::vector<SequenceRouting> BatchRouting(std::span<const SequenceInput> batch,
+                                          std::span<const BatchSpan> spans) {
+  std::vector<SequenceRouting> routing(batch.size());
+  for (size_t s = 0; s < batch.size(); ++s) {
+    routing[s] = {spans[s].first_row, spans[s].num_tokens, batch[s].routing, spans[s].start_pos,
+                  batch[s].block_length};
+  }
+  return routing;
+}
+
+absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch, ForwardTrace* trace,
+                                             const GreedyOptions& greedy) const {
+  ASSIGN_OR_RETURN(const std::vector<BatchSpan> spans, ValidateBatch(config_, batch));
+  if (greedy.num_ids < 0 || greedy.num_ids > config_.vocab_size ||
+      greedy.excluded_token >= config_.vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("greedy options (num_ids ", greedy.num_ids, ", excluded_token ",
+                     greedy.excluded_token, ") do not fit the vocabulary ", config_.vocab_size));
+  }
+#if MOESERVE_HAVE_CUDA
+  if (gpu_) return gpu_->Forward(config_, batch, spans, trace, greedy);
+#endif
+  return ForwardCpu(batch, spans, trace, greedy);
+}
+
+absl::StatusOr<ForwardOutput> Model::ForwardCpu(std::span<SequenceInput> batch,
+                                                std::span<const BatchSpan> spans,
+                                                ForwardTrace* trace,
+                                                const GreedyOptions& greedy) const {
+  const ModelConfig& c = config_;
+  const int64_t hidden = c.hidden_size;
+  int64_t num_tokens = 0, num_logit_rows = 0;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    num_tokens += spans[s].num_tokens;
+    num_logit_rows += static_cast<int64_t>(batch[s].logit_rows.size());
   }
 
   std::vector<int32_t> ids(num_tokens), positions(num_tokens);
@@ -124,10 +206,8 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
   ForwardOutput output;
   output.layer_load.resize(c.num_hidden_layers);
   output.sequences.resize(batch.size());
-  std::vector<SequenceRouting> routing(batch.size());
+  const std::vector<SequenceRouting> routing = BatchRouting(batch, spans);
   for (size_t s = 0; s < batch.size(); ++s) {
-    routing[s] = {spans[s].first_row, spans[s].num_tokens, batch[s].routing, spans[s].start_pos,
-                  batch[s].block_length};
     output.sequences[s].dropped_tokens.assign(c.num_hidden_layers, 0);
     output.sequences[s].experts_per_token.resize(c.num_hidden_layers);
   }
@@ -163,7 +243,7 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
     cpu::ApplyRope({k.data(), positions.data(), num_tokens, c.num_key_value_heads, c.head_dim,
                     c.rotary_dim, theta});
     for (size_t s = 0; s < batch.size(); ++s) {
-      const Span& span = spans[s];
+      const BatchSpan& span = spans[s];
       KvCache& cache = *batch[s].cache;
       const int64_t kv = c.kv_size();
       std::copy_n(k.data() + span.first_row * kv, span.num_tokens * kv,
@@ -237,9 +317,21 @@ absl::StatusOr<ForwardOutput> Model::Forward(std::span<SequenceInput> batch,
       ++r;
     }
   }
-  output.logits.resize(num_logit_rows * c.vocab_size);
-  cpu::Matmul(rows.data(), num_logit_rows, AsMatrix(weights_.output_matrix()),
-              output.logits.data());
+  std::vector<float> logits(num_logit_rows * c.vocab_size);  // [num_logit_rows, vocab_size]
+  cpu::Matmul(rows.data(), num_logit_rows, AsMatrix(weights_.output_matrix()), logits.data());
+  const int64_t greedy_ids = greedy.num_ids > 0 ? greedy.num_ids : c.vocab_size;
+  r = 0;
+  for (size_t s = 0; s < batch.size(); ++s) {
+    for (size_t i = 0; i < batch[s].logit_rows.size(); ++i, ++r) {
+      const float* row = logits.data() + r * c.vocab_size;
+      if (batch[s].greedy) {
+        output.greedy.push_back(Propose(std::span<const float>(row, greedy_ids), SamplingOptions(),
+                                        greedy.excluded_token, nullptr));
+      } else {
+        output.logits.insert(output.logits.end(), row, row + c.vocab_size);
+      }
+    }
+  }
   return output;
 }
 

@@ -1,4 +1,5 @@
-// The LLaDA2 MoE model on the CPU: one forward over the packed tokens of many sequences.
+// The LLaDA2 MoE model: one forward over the packed tokens of many sequences, on the CPU (the
+// reference, float32 math) or on a GPU (model/gpu_model.h, when built with CUDA).
 //
 // Per layer: RMSNorm -> Q/K/V projections -> per-head QK RMSNorm -> partial RoPE -> grouped-query
 // attention over each sequence's cached K/V plus its chunk (block-causal) -> output projection ->
@@ -14,12 +15,30 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "kernels/tensor.h"
 #include "model/config.h"
 #include "model/kv_cache.h"
 #include "model/routing.h"
+#include "model/sampling.h"
 #include "model/weights.h"
 
 namespace moeserve {
+
+enum class Device { kCpu, kCuda };
+const char* DeviceName(Device device);
+// "cpu", "cuda", or "auto" (cuda when this build has CUDA and a GPU is present, else cpu).
+absl::StatusOr<Device> ParseDevice(absl::string_view text);
+// Whether this binary was built with the CUDA backend and can see a GPU.
+bool CudaAvailable();
+
+struct ModelOptions {
+  Device device = Device::kCpu;
+  // GPU only: the dtype of the weight matrices and so of every GEMM's inputs. kBF16 (the fast
+  // path; F32 checkpoints are rounded) or kF32 (BF16 weights widened exactly: the GPU computes in
+  // float32 like the CPU reference, for checking it against the goldens).
+  DType gpu_matrix_dtype = DType::kBF16;
+};
 
 // One sequence's chunk of tokens in a forward.
 struct SequenceInput {
@@ -38,7 +57,25 @@ struct SequenceInput {
   std::vector<int32_t> logit_rows;
   // How this sequence's tokens reach the experts.
   RoutingOptions routing;
+  // Only the greedy proposal of each logit row is wanted (ForwardOutput::greedy), not the row:
+  // the GPU then copies back 8 bytes per row instead of the vocabulary.
+  bool greedy = false;
 };
+
+// Where one sequence's chunk sits in the packed token rows of a forward.
+struct BatchSpan {
+  int64_t first_row = 0;
+  int64_t num_tokens = 0;
+  int64_t start_pos = 0;  // absolute position of the chunk's first token (the cache's length)
+};
+
+// Checks a batch as Model::Forward does and returns where each chunk sits; errors name the
+// sequence and field.
+absl::StatusOr<std::vector<BatchSpan>> ValidateBatch(const ModelConfig& config,
+                                                     std::span<const SequenceInput> batch);
+// The routing view of a batch (per sequence: rows, options, request-scope blocks).
+std::vector<SequenceRouting> BatchRouting(std::span<const SequenceInput> batch,
+                                          std::span<const BatchSpan> spans);
 
 // What routing did to one sequence in one forward, per MoE layer (indexed by layer; empty entries
 // for dense layers).
@@ -60,35 +97,62 @@ struct ForwardTrace {
   std::vector<RoutingPlan> plans;                 // the routing plan of each MoE layer
 };
 
+// How greedy proposals are made (Propose at temperature 0 over ids [0, num_ids), never
+// excluded_token).
+struct GreedyOptions {
+  int32_t excluded_token = -1;  // the mask token; -1: none
+  int64_t num_ids = 0;          // 0: the whole vocabulary
+};
+
 struct ForwardOutput {
-  // [num_logit_rows, vocab_size]: the batch's logit rows, sequence by sequence, in the order asked.
+  // [num_logit_rows, vocab_size]: the logit rows of the sequences that are not greedy, sequence
+  // by sequence, in the order asked.
   std::vector<float> logits;
+  // The proposals of the greedy sequences' logit rows, sequence by sequence, in the order asked.
+  std::vector<Proposal> greedy;
   // [num_layers]: load of each MoE layer by routing mode (empty entries for dense layers).
   std::vector<LayerLoad> layer_load;
   // [batch size]: per-sequence routing statistics.
   std::vector<SequenceRoutingStats> sequences;
 };
 
+class GpuModel;
+
 class Model {
  public:
   // Loads config.json and the safetensors weights of a Hugging Face checkpoint directory.
-  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir,
+                                                     const ModelOptions& options = {});
+  // A CPU model over `weights`.
   static std::unique_ptr<Model> FromWeights(ModelConfig config, ModelWeights weights);
+  // A model over `weights` on options.device: for the GPU the weights are uploaded and the host
+  // copy is released.
+  static absl::StatusOr<std::unique_ptr<Model>> Create(ModelConfig config, ModelWeights weights,
+                                                       const ModelOptions& options);
+  ~Model();
 
   const ModelConfig& config() const { return config_; }
+  Device device() const { return gpu_ ? Device::kCuda : Device::kCpu; }
+  // The host weights (CPU models; empty tensors on the GPU, whose weights live on the device).
   const ModelWeights& weights() const { return weights_; }
 
   // Runs the batch. Checks every input first (token ids in range, positions within
   // max_position_embeddings, logit rows in range, one chunk per cache) and fails before computing
-  // anything. Thread-compatible: concurrent calls need distinct caches.
+  // anything. Thread-compatible: concurrent calls need distinct caches, and a cache used on one
+  // device stays on it.
   absl::StatusOr<ForwardOutput> Forward(std::span<SequenceInput> batch,
-                                        ForwardTrace* trace = nullptr) const;
+                                        ForwardTrace* trace = nullptr,
+                                        const GreedyOptions& greedy = {}) const;
 
  private:
   Model(ModelConfig config, ModelWeights weights);
+  absl::StatusOr<ForwardOutput> ForwardCpu(std::span<SequenceInput> batch,
+                                           std::span<const BatchSpan> spans, ForwardTrace* trace,
+                                           const GreedyOptions& greedy) const;
 
   ModelConfig config_;
   ModelWeights weights_;
+  std::unique_ptr<GpuModel> gpu_;  // set for Device::kCuda
 };
 
 }  // namespace moeserve

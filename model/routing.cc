@@ -123,6 +123,88 @@ double RoutingLoad::EffectiveCapacityFactor() const {
          (static_cast<double>(num_tokens) * static_cast<double>(topk));
 }
 
+ForwardScopes FormRoutingScopes(const ModelConfig& config, int64_t num_tokens,
+                                std::span<const SequenceRouting> sequences) {
+  ForwardScopes out;
+  out.row_mode.assign(num_tokens, 0);
+  std::vector<double> factors;  // per scope
+  std::map<std::pair<double, int>, size_t> batch_scope;
+  auto new_scope = [&](const RoutingOptions& o) {
+    out.expert_choice.push_back({o.weighting, 0, {}});
+    factors.push_back(o.capacity_factor);
+  };
+  for (const SequenceRouting& seq : sequences) {
+    const RoutingOptions& o = seq.options;
+    for (int64_t i = 0; i < seq.num_tokens; ++i)
+      out.row_mode[seq.first_row + i] = static_cast<int8_t>(o.mode);
+    switch (o.mode) {
+      case RoutingMode::kTokenChoice:
+        for (int64_t i = 0; i < seq.num_tokens; ++i)
+          out.token_choice_rows.push_back(static_cast<int32_t>(seq.first_row + i));
+        break;
+      case RoutingMode::kExpertChoice:
+        if (o.scope == RoutingScope::kRequest) {
+          for (int64_t i = 0; i < seq.num_tokens; ++i) {
+            if (i == 0 || (seq.scope_block > 0 && (seq.start_pos + i) % seq.scope_block == 0)) {
+              new_scope(o);
+            }
+            out.expert_choice.back().rows.push_back(static_cast<int32_t>(seq.first_row + i));
+          }
+        } else {
+          const auto key = std::make_pair(o.capacity_factor, static_cast<int>(o.weighting));
+          auto [it, inserted] = batch_scope.emplace(key, out.expert_choice.size());
+          if (inserted) new_scope(o);
+          for (int64_t i = 0; i < seq.num_tokens; ++i) {
+            out.expert_choice[it->second].rows.push_back(static_cast<int32_t>(seq.first_row + i));
+          }
+        }
+        break;
+    }
+  }
+  std::sort(out.token_choice_rows.begin(), out.token_choice_rows.end());
+  size_t kept = 0;
+  for (size_t s = 0; s < out.expert_choice.size(); ++s) {
+    ExpertChoiceScope& scope = out.expert_choice[s];
+    if (scope.rows.empty()) continue;
+    std::sort(scope.rows.begin(), scope.rows.end());
+    scope.capacity = ExpertChoiceCapacity(factors[s], static_cast<int64_t>(scope.rows.size()),
+                                          config.num_experts_per_tok, config.num_experts);
+    if (kept != s) out.expert_choice[kept] = std::move(scope);
+    ++kept;
+  }
+  out.expert_choice.resize(kept);
+  return out;
+}
+
+void FillRoutingStats(const ModelConfig& config, std::span<const SequenceRouting> sequences,
+                      std::span<const int8_t> row_mode,
+                      std::span<const int32_t> tokens_per_expert_by_mode,
+                      std::span<const int32_t> row_experts, LayerRouting* out) {
+  const int64_t experts = config.num_experts;
+  for (int m = 0; m < kNumRoutingModes; ++m) {
+    RoutingLoad& load = out->load.by_mode[m];
+    load.Resize(experts, config.num_experts_per_tok);
+    for (int64_t e = 0; e < experts; ++e)
+      load.tokens_per_expert[e] = tokens_per_expert_by_mode[m * experts + e];
+  }
+  for (size_t t = 0; t < row_mode.size(); ++t) {
+    RoutingLoad& load = out->load.by_mode[row_mode[t]];
+    ++load.num_tokens;
+    load.num_assignments += row_experts[t];
+    load.dropped_tokens += row_experts[t] == 0;
+    ++load.experts_per_token[row_experts[t]];
+  }
+  out->sequence_dropped.assign(sequences.size(), 0);
+  out->sequence_experts_per_token.assign(sequences.size(), std::vector<int64_t>(experts + 1, 0));
+  for (size_t s = 0; s < sequences.size(); ++s) {
+    for (int64_t t = sequences[s].first_row; t < sequences[s].first_row + sequences[s].num_tokens;
+         ++t) {
+      out->sequence_dropped[s] += row_experts[t] == 0;
+      ++out->sequence_experts_per_token[s][row_experts[t]];
+    }
+  }
+}
+
 LayerRouting RouteMoeLayer(const ModelConfig& config, const float* logits, const float* expert_bias,
                            int64_t num_tokens, std::span<const SequenceRouting> sequences) {
   const int64_t experts = config.num_experts, topk = config.num_experts_per_tok;
@@ -131,72 +213,42 @@ LayerRouting RouteMoeLayer(const ModelConfig& config, const float* logits, const
   out.topk_idx.assign(num_tokens * topk, -1);
   out.topk_weight.assign(num_tokens * topk, 0.0f);
   std::vector<int32_t> row_experts(num_tokens, 0);  // routed experts per row
-  std::vector<int8_t> row_mode(num_tokens, 0);
   RoutingPlanBuilder builder(num_tokens, experts);
+  const ForwardScopes scopes = FormRoutingScopes(config, num_tokens, sequences);
 
   // Token-choice: each sequence's contiguous rows.
   const cpu::TokenChoiceParams tc{
       experts, topk, config.n_group, config.topk_group, config.norm_topk_prob, scale};
-  // Expert-choice scopes: one per block of each request-scope sequence; batch-scope sequences
-  // grouped by their (capacity factor, weighting), each group one scope.
-  std::vector<std::pair<RoutingOptions, std::vector<int32_t>>> scopes;
-  std::map<std::pair<double, int>, size_t> batch_scope;
   for (const SequenceRouting& seq : sequences) {
-    for (int64_t i = 0; i < seq.num_tokens; ++i)
-      row_mode[seq.first_row + i] = static_cast<int8_t>(seq.options.mode);
-    switch (seq.options.mode) {
-      case RoutingMode::kTokenChoice: {
-        cpu::TokenChoiceRoute(tc, {logits + seq.first_row * experts, expert_bias, seq.num_tokens,
-                                   out.topk_idx.data() + seq.first_row * topk,
-                                   out.topk_weight.data() + seq.first_row * topk});
-        for (int64_t t = seq.first_row; t < seq.first_row + seq.num_tokens; ++t) {
-          for (int64_t j = 0; j < topk; ++j) {
-            builder.Add(static_cast<int32_t>(t), out.topk_idx[t * topk + j],
-                        out.topk_weight[t * topk + j]);
-          }
-          row_experts[t] = static_cast<int32_t>(topk);
-        }
-        break;
-      }
-      case RoutingMode::kExpertChoice: {
-        if (seq.options.scope == RoutingScope::kRequest) {
-          for (int64_t i = 0; i < seq.num_tokens; ++i) {
-            if (i == 0 || (seq.scope_block > 0 && (seq.start_pos + i) % seq.scope_block == 0)) {
-              scopes.push_back({seq.options, {}});
-            }
-            scopes.back().second.push_back(static_cast<int32_t>(seq.first_row + i));
-          }
-        } else {
-          const auto key =
-              std::make_pair(seq.options.capacity_factor, static_cast<int>(seq.options.weighting));
-          auto [it, inserted] = batch_scope.emplace(key, scopes.size());
-          if (inserted) scopes.push_back({seq.options, {}});
-          for (int64_t i = 0; i < seq.num_tokens; ++i) {
-            scopes[it->second].second.push_back(static_cast<int32_t>(seq.first_row + i));
-          }
-        }
-        break;
-      }
-    }
+    if (seq.options.mode != RoutingMode::kTokenChoice) continue;
+    cpu::TokenChoiceRoute(tc, {logits + seq.first_row * experts, expert_bias, seq.num_tokens,
+                               out.topk_idx.data() + seq.first_row * topk,
+                               out.topk_weight.data() + seq.first_row * topk});
+  }
+  for (int32_t t : scopes.token_choice_rows) {
+    for (int64_t j = 0; j < topk; ++j)
+      builder.Add(t, out.topk_idx[t * topk + j], out.topk_weight[t * topk + j]);
+    row_experts[t] = static_cast<int32_t>(topk);
   }
 
-  if (!scopes.empty()) {
+  // Expert-choice, scope by scope. expert_bias and the group limits take no part: a per-expert
+  // constant does not change an expert's ranking of tokens.
+  if (!scopes.expert_choice.empty()) {
     std::vector<float> scores(num_tokens * experts);  // [num_tokens, num_experts], sigmoid
     std::vector<float> denom(num_tokens, 0.0f);
-    for (const auto& [options, rows] : scopes) {
-      for (int32_t r : rows) {
+    for (const ExpertChoiceScope& scope : scopes.expert_choice) {
+      for (int32_t r : scope.rows) {
         for (int64_t e = 0; e < experts; ++e) {
           scores[r * experts + e] = 1.0f / (1.0f + std::exp(-logits[r * experts + e]));
         }
       }
     }
-    for (auto& [options, rows] : scopes) {
-      std::sort(rows.begin(), rows.end());
-      const int64_t t = static_cast<int64_t>(rows.size());
-      if (t == 0) continue;
-      const int64_t capacity = ExpertChoiceCapacity(options.capacity_factor, t, topk, experts);
+    for (const ExpertChoiceScope& scope : scopes.expert_choice) {
+      const int64_t t = static_cast<int64_t>(scope.rows.size());
+      const int64_t capacity = scope.capacity;
       std::vector<int32_t> selected(experts * capacity);  // [num_experts, capacity]
-      cpu::ExpertChoiceSelect({scores.data(), experts, rows.data(), t, capacity, selected.data()});
+      cpu::ExpertChoiceSelect(
+          {scores.data(), experts, scope.rows.data(), t, capacity, selected.data()});
       // Renormalization denominators, summed in ascending expert order per token.
       for (int64_t e = 0; e < experts; ++e) {
         for (int64_t c = 0; c < capacity; ++c) {
@@ -210,7 +262,7 @@ LayerRouting RouteMoeLayer(const ModelConfig& config, const float* logits, const
           const int32_t r = selected[e * capacity + c];
           const float s = scores[r * experts + e];
           float w = 0;
-          switch (options.weighting) {
+          switch (scope.weighting) {
             case ExpertChoiceWeighting::kRenormalized:
               w = s / denom[r] * scale;
               break;
@@ -225,29 +277,12 @@ LayerRouting RouteMoeLayer(const ModelConfig& config, const float* logits, const
   }
   out.plan = std::move(builder).Finish();
 
-  // Load statistics.
-  for (RoutingLoad& load : out.load.by_mode) load.Resize(experts, topk);
+  std::vector<int32_t> by_mode(kNumRoutingModes * experts, 0);
   for (int64_t e = 0; e < experts; ++e) {
-    for (int32_t a = out.plan.expert_offsets[e]; a < out.plan.expert_offsets[e + 1]; ++a) {
-      ++out.load.by_mode[row_mode[out.plan.token_idx[a]]].tokens_per_expert[e];
-    }
+    for (int32_t a = out.plan.expert_offsets[e]; a < out.plan.expert_offsets[e + 1]; ++a)
+      ++by_mode[scopes.row_mode[out.plan.token_idx[a]] * experts + e];
   }
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    RoutingLoad& load = out.load.by_mode[row_mode[t]];
-    ++load.num_tokens;
-    load.num_assignments += row_experts[t];
-    load.dropped_tokens += row_experts[t] == 0;
-    ++load.experts_per_token[row_experts[t]];
-  }
-  out.sequence_dropped.assign(sequences.size(), 0);
-  out.sequence_experts_per_token.assign(sequences.size(), std::vector<int64_t>(experts + 1, 0));
-  for (size_t s = 0; s < sequences.size(); ++s) {
-    for (int64_t t = sequences[s].first_row; t < sequences[s].first_row + sequences[s].num_tokens;
-         ++t) {
-      out.sequence_dropped[s] += row_experts[t] == 0;
-      ++out.sequence_experts_per_token[s][row_experts[t]];
-    }
-  }
+  FillRoutingStats(config, sequences, scopes.row_mode, by_mode, row_experts, &out);
   return out;
 }
 

@@ -107,6 +107,30 @@ struct LayerRouting {
   std::vector<float> topk_weight;
 };
 
+// The routing scopes of one forward, the same for every MoE layer of it: the rows token-choice
+// routes, and every expert-choice scope (request scope: one block of one sequence; batch scope:
+// all batch-scope sequences of one (capacity factor, weighting)) with its rows, ascending.
+struct ExpertChoiceScope {
+  ExpertChoiceWeighting weighting = ExpertChoiceWeighting::kRenormalized;
+  int64_t capacity = 0;       // ExpertChoiceCapacity of the scope's rows
+  std::vector<int32_t> rows;  // ascending
+};
+struct ForwardScopes {
+  std::vector<int32_t> token_choice_rows;        // ascending
+  std::vector<ExpertChoiceScope> expert_choice;  // scopes with at least one row
+  std::vector<int8_t> row_mode;                  // [num_tokens]: RoutingMode of each row
+};
+ForwardScopes FormRoutingScopes(const ModelConfig& config, int64_t num_tokens,
+                                std::span<const SequenceRouting> sequences);
+
+// Fills out->load and the per-sequence statistics from what a router produced:
+// tokens_per_expert_by_mode [kNumRoutingModes][num_experts] and row_experts [num_tokens] (routed
+// experts of each row). Shared by the CPU and GPU paths so that both count alike.
+void FillRoutingStats(const ModelConfig& config, std::span<const SequenceRouting> sequences,
+                      std::span<const int8_t> row_mode,
+                      std::span<const int32_t> tokens_per_expert_by_mode,
+                      std::span<const int32_t> row_experts, LayerRouting* out);
+
 // Routes one MoE layer. `logits`: [num_tokens, num_experts] fp32 router logits of every packed
 // row; `expert_bias`: [num_experts]. Options must have been validated.
 LayerRouting RouteMoeLayer(const ModelConfig& config, const float* logits, const float* expert_bias,

@@ -29,7 +29,12 @@ int RunVerify() {
     std::fprintf(stderr, "verify needs --model_dir and --golden_dir\n");
     return 2;
   }
-  auto model = Model::Load(model_dir);
+  auto model_options = ModelOptionsFromFlags();
+  if (!model_options.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(model_options.status().message()).c_str());
+    return 2;
+  }
+  auto model = Model::Load(model_dir, *model_options);
   if (!model.ok()) {
     std::fprintf(stderr, "cannot load %s: %s\n", model_dir.c_str(),
                  std::string(model.status().message()).c_str());
@@ -153,8 +158,9 @@ int RunGenerate() {
   if (!routing.ok()) return fail(routing.status());
   auto decode = DecodeOptionsFromFlags();
   if (!decode.ok()) return fail(decode.status());
-  auto text_model = LoadTextModel(absl::GetFlag(FLAGS_model_dir), absl::GetFlag(FLAGS_tokenizer),
-                                  absl::GetFlag(FLAGS_seed));
+  auto text_options = TextModelOptionsFromFlags();
+  if (!text_options.ok()) return fail(text_options.status());
+  auto text_model = LoadTextModel(*text_options);
   if (!text_model.ok()) return fail(text_model.status());
   LogModelSummary(*text_model);
   const Tokenizer& tokenizer = *text_model->tokenizer;

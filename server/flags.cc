@@ -3,6 +3,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/util/status_macros.h"
 #include "model/golden.h"
 
 ABSL_FLAG(std::string, model_dir, "",
@@ -12,6 +13,16 @@ ABSL_FLAG(std::string, tokenizer, "",
           "tokenizer.json to use. Empty: --model_dir's tokenizer.json, or the demo's built-in "
           "byte-level tokenizer.");
 ABSL_FLAG(uint64_t, seed, 0, "Random seed of the demo model, write-checkpoint and route-stats.");
+ABSL_FLAG(std::string, device, "auto",
+          "serve, generate, verify: where the model runs: cuda, cpu, or auto (cuda when this "
+          "binary has the CUDA backend and a GPU is present, else cpu).");
+ABSL_FLAG(std::string, gpu_dtype, "bf16",
+          "GPU weight matrices and GEMM inputs: bf16 (fast) or f32 (float32 like the CPU "
+          "reference, for checking against goldens).");
+ABSL_FLAG(std::string, demo_config, "",
+          "serve, generate without --model_dir: config.json whose shape the random-weight demo "
+          "model takes (e.g. model/configs/LLaDA2.0-mini-preview.json for full-size benchmarks). "
+          "Empty: the small built-in demo.");
 
 ABSL_FLAG(std::string, golden_dir, "",
           "verify: directory with golden.json and golden.safetensors.");
@@ -85,6 +96,34 @@ ABSL_FLAG(std::string, auth_token_file, "",
           "/metrics (any user name). Empty: no token.");
 
 namespace moeserve {
+
+absl::StatusOr<ModelOptions> ModelOptionsFromFlags() {
+  ModelOptions options;
+  auto device = ParseDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--", device.status().message()));
+  options.device = *device;
+  const std::string dtype = absl::GetFlag(FLAGS_gpu_dtype);
+  if (dtype == "bf16") {
+    options.gpu_matrix_dtype = DType::kBF16;
+  } else if (dtype == "f32") {
+    options.gpu_matrix_dtype = DType::kF32;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gpu_dtype \"", dtype, "\" is unknown: bf16 or f32"));
+  }
+  return options;
+}
+
+absl::StatusOr<TextModelOptions> TextModelOptionsFromFlags() {
+  TextModelOptions options;
+  options.model_dir = absl::GetFlag(FLAGS_model_dir);
+  options.tokenizer_path = absl::GetFlag(FLAGS_tokenizer);
+  options.demo_seed = absl::GetFlag(FLAGS_seed);
+  options.demo_config = absl::GetFlag(FLAGS_demo_config);
+  ASSIGN_OR_RETURN(options.model, ModelOptionsFromFlags());
+  return options;
+}
 namespace {
 
 absl::Status FlagError(absl::string_view flag, const absl::Status& status) {

@@ -10,11 +10,15 @@
 #include "absl/status/statusor.h"
 #include "model/decoder.h"
 #include "model/routing.h"
+#include "server/text_model.h"
 
 // Model.
 ABSL_DECLARE_FLAG(std::string, model_dir);
 ABSL_DECLARE_FLAG(std::string, tokenizer);
 ABSL_DECLARE_FLAG(uint64_t, seed);
+ABSL_DECLARE_FLAG(std::string, device);
+ABSL_DECLARE_FLAG(std::string, gpu_dtype);
+ABSL_DECLARE_FLAG(std::string, demo_config);
 // Offline commands.
 ABSL_DECLARE_FLAG(std::string, golden_dir);
 ABSL_DECLARE_FLAG(double, tolerance);
@@ -67,5 +71,9 @@ namespace moeserve {
 absl::StatusOr<RoutingOptions> RoutingOptionsFromFlags();
 // The decoding flags as options; errors name the flag.
 absl::StatusOr<DecodeOptions> DecodeOptionsFromFlags();
+// --device and --gpu_dtype; errors name the flag.
+absl::StatusOr<ModelOptions> ModelOptionsFromFlags();
+// --model_dir, --tokenizer, --seed, --demo_config, --device, --gpu_dtype.
+absl::StatusOr<TextModelOptions> TextModelOptionsFromFlags();
 
 }  // namespace moeserve

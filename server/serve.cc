@@ -149,9 +149,8 @@ absl::StatusOr<std::unique_ptr<prometheus::Exposer>> StartExposer(const std::str
 // Loads everything the service needs and warms the engine up with one short generation.
 absl::StatusOr<std::unique_ptr<Backend>> LoadBackend(const SchedulerOptions& scheduler_options,
                                                      ExpertMetricsLevel expert_metrics) {
-  ASSIGN_OR_RETURN(TextModel text_model,
-                   LoadTextModel(absl::GetFlag(FLAGS_model_dir), absl::GetFlag(FLAGS_tokenizer),
-                                 absl::GetFlag(FLAGS_seed)));
+  ASSIGN_OR_RETURN(const TextModelOptions options, TextModelOptionsFromFlags());
+  ASSIGN_OR_RETURN(TextModel text_model, LoadTextModel(options));
   LogModelSummary(text_model);
   auto backend = std::make_unique<Backend>();
   backend->model = std::move(text_model.model);

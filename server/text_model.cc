@@ -10,8 +10,9 @@
 
 namespace moeserve {
 
-absl::StatusOr<TextModel> LoadTextModel(const std::string& model_dir,
-                                        const std::string& tokenizer_path, uint64_t demo_seed) {
+absl::StatusOr<TextModel> LoadTextModel(const TextModelOptions& options) {
+  const std::string& model_dir = options.model_dir;
+  const std::string& tokenizer_path = options.tokenizer_path;
   TextModel out;
   if (model_dir.empty()) {
     MOESERVE_LOG(WARNING) << "****************************************************************";
@@ -19,13 +20,20 @@ absl::StatusOr<TextModel> LoadTextModel(const std::string& model_dir,
     MOESERVE_LOG(WARNING) << "* model with a byte-level tokenizer. Its output is noise; use it  *";
     MOESERVE_LOG(WARNING) << "* to try the API, the routing modes and the metrics only.         *";
     MOESERVE_LOG(WARNING) << "****************************************************************";
-    const ModelConfig config = DemoModelConfig();
-    out.model = Model::FromWeights(config, RandomWeights(config, {.seed = demo_seed}));
+    ModelConfig config = DemoModelConfig();
+    if (!options.demo_config.empty()) {
+      ASSIGN_OR_RETURN(config, LoadModelConfig(options.demo_config));
+      MOESERVE_LOG(WARNING) << "demo model in the shape of " << options.demo_config << " ("
+                            << ParameterCount(config) / 1e9 << " B parameters)";
+    }
+    ASSIGN_OR_RETURN(
+        out.model,
+        Model::Create(config, RandomWeights(config, {.seed = options.demo_seed}), options.model));
     out.name = "demo";
     out.random_weights = true;
   } else {
     MOESERVE_LOG(INFO) << "loading checkpoint " << model_dir;
-    ASSIGN_OR_RETURN(out.model, Model::Load(model_dir));
+    ASSIGN_OR_RETURN(out.model, Model::Load(model_dir, options.model));
     out.name = std::filesystem::path(model_dir).lexically_normal().filename().string();
     if (out.name.empty()) {
       out.name = std::filesystem::path(model_dir).lexically_normal().parent_path().filename();
@@ -75,13 +83,15 @@ absl::StatusOr<EngineOptions> MakeEngineOptions(const Tokenizer& tokenizer,
 void LogModelSummary(const TextModel& m) {
   const ModelConfig& c = m.model->config();
   MOESERVE_LOG(INFO) << absl::StrFormat(
-      "model %s%s: %s, %.3f B parameters, %d layers (%d dense, %d MoE), hidden %d, %d experts "
+      "model %s%s on %s: %s, %.3f B parameters, %d layers (%d dense, %d MoE), hidden %d, %d "
+      "experts "
       "(top-%d, %d groups / top-%d), expert width %d, %d shared, vocab %d, context %d; tokenizer "
       "%d tokens",
-      m.name, m.random_weights ? " (RANDOM WEIGHTS)" : "", c.model_type, ParameterCount(c) / 1e9,
-      c.num_hidden_layers, c.first_k_dense_replace, c.num_moe_layers(), c.hidden_size,
-      c.num_experts, c.num_experts_per_tok, c.n_group, c.topk_group, c.moe_intermediate_size,
-      c.num_shared_experts, c.vocab_size, c.max_position_embeddings, m.tokenizer->vocab_size());
+      m.name, m.random_weights ? " (RANDOM WEIGHTS)" : "", DeviceName(m.model->device()),
+      c.model_type, ParameterCount(c) / 1e9, c.num_hidden_layers, c.first_k_dense_replace,
+      c.num_moe_layers(), c.hidden_size, c.num_experts, c.num_experts_per_tok, c.n_group,
+      c.topk_group, c.moe_intermediate_size, c.num_shared_experts, c.vocab_size,
+      c.max_position_embeddings, m.tokenizer->vocab_size());
 }
 
 }  // namespace moeserve

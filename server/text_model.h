@@ -21,10 +21,14 @@ struct TextModel {
   bool random_weights = false;
 };
 
-// `model_dir` empty: the demo (loudly logged as random weights). `tokenizer_path` empty: the
-// checkpoint's tokenizer.json (or the demo's).
-absl::StatusOr<TextModel> LoadTextModel(const std::string& model_dir,
-                                        const std::string& tokenizer_path, uint64_t demo_seed);
+struct TextModelOptions {
+  std::string model_dir;       // empty: the demo (loudly logged as random weights)
+  std::string tokenizer_path;  // empty: the checkpoint's tokenizer.json (or the demo's)
+  uint64_t demo_seed = 0;
+  std::string demo_config;  // the demo's config.json; empty: DemoModelConfig()
+  ModelOptions model;       // the device
+};
+absl::StatusOr<TextModel> LoadTextModel(const TextModelOptions& options);
 
 // Engine options from the tokenizer's special tokens: the mask id, the stop ids (eos, and the
 // role-end token when it has one), detokenization for stop strings.

@@ -214,7 +214,8 @@ TEST(ExpertChoiceForwardTest, MixedBatchEqualsEachSequenceAlone) {
                                            {9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 11, 12}};
   const RoutingOptions options[4] = {tc, ec, ec_raw, ec};
   auto run = [&](const std::vector<size_t>& which) {
-    std::vector<KvCache> caches(which.size(), KvCache(*config));
+    std::vector<KvCache> caches;
+    for (size_t i = 0; i < which.size(); ++i) caches.emplace_back(*config);
     std::vector<SequenceInput> in(which.size());
     for (size_t i = 0; i < which.size(); ++i) {
       in[i] = {ids[which[i]], &caches[i], 8, 0, AllRows(ids[which[i]].size()), options[which[i]]};

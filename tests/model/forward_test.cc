@@ -111,7 +111,8 @@ TEST_F(RandomModelTest, UncommittedStepLeavesCacheAndRepeats) {
 TEST_F(RandomModelTest, BatchedSequenceEqualsAlone) {
   const std::vector<int32_t> a = Ids(11, 4), b = Ids(16, 5), c = Ids(3, 6);
   auto run = [&](std::vector<const std::vector<int32_t>*> seqs) {
-    std::vector<KvCache> caches(seqs.size(), KvCache(config_));
+    std::vector<KvCache> caches;
+    for (size_t i = 0; i < seqs.size(); ++i) caches.emplace_back(config_);
     std::vector<SequenceInput> in(seqs.size());
     for (size_t i = 0; i < seqs.size(); ++i)
       in[i] = {*seqs[i], &caches[i], 8, 0, AllRows(seqs[i]->size())};

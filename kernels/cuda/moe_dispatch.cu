@@ -1,0 +1,79 @@
+// Gather: one block per output row, 16-byte copies when the row size allows. Combine: one block
+// per token; its assignment list (ascending expert) comes from the plan's token-major index, and
+// every thread walks it for its own hidden dimensions, so the summation order is fixed.
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda/moe_dispatch.h"
+
+namespace moeserve::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void GatherRowsKernel(const char* __restrict__ x, int64_t row_bytes,
+                                 const int32_t* __restrict__ rows, char* __restrict__ out) {
+  const int64_t i = blockIdx.x;
+  const char* src = x + rows[i] * row_bytes;
+  char* dst = out + i * row_bytes;
+  if (row_bytes % 16 == 0) {
+    for (int64_t b = threadIdx.x * 16; b < row_bytes; b += blockDim.x * 16) {
+      *reinterpret_cast<uint4*>(dst + b) = *reinterpret_cast<const uint4*>(src + b);
+    }
+  } else {
+    for (int64_t b = threadIdx.x; b < row_bytes; b += blockDim.x) dst[b] = src[b];
+  }
+}
+
+template <typename T>
+__global__ void CombineKernel(const int32_t* __restrict__ token_offsets,
+                              const int32_t* __restrict__ token_assignments,
+                              const float* __restrict__ weight, const T* __restrict__ expert_out,
+                              const float* __restrict__ shared_out, const float* residual,
+                              float* out, int64_t hidden) {
+  const int64_t t = blockIdx.x;
+  const int32_t begin = token_offsets[t], end = token_offsets[t + 1];
+  for (int64_t d = threadIdx.x; d < hidden; d += blockDim.x) {
+    float mix = shared_out != nullptr ? __fadd_rn(0.0f, shared_out[t * hidden + d]) : 0.0f;
+    for (int32_t j = begin; j < end; ++j) {
+      const int64_t a = token_assignments[j];
+      mix = __fadd_rn(mix, __fmul_rn(weight[a], ToFloat(expert_out[a * hidden + d])));
+    }
+    out[t * hidden + d] = residual != nullptr ? __fadd_rn(residual[t * hidden + d], mix) : mix;
+  }
+}
+
+}  // namespace
+
+absl::Status GatherRows(const GatherRowsArgs& a, cudaStream_t stream) {
+  if (a.num_rows < 0 || a.row_size < 0) {
+    return absl::InvalidArgumentError("gather_rows: negative size");
+  }
+  if (a.num_rows == 0 || a.row_size == 0) return absl::OkStatus();
+  GatherRowsKernel<<<a.num_rows, kThreads, 0, stream>>>(
+      static_cast<const char*>(a.x), a.row_size * static_cast<int64_t>(DTypeSize(a.dtype)), a.rows,
+      static_cast<char*>(a.out));
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+absl::Status Combine(const CombineArgs& a, cudaStream_t stream) {
+  if (a.hidden_size <= 0) return absl::InvalidArgumentError("combine: hidden_size must be > 0");
+  if (a.plan.num_tokens == 0) return absl::OkStatus();
+  switch (a.expert_out_dtype) {
+    case DType::kF32:
+      CombineKernel<<<a.plan.num_tokens, kThreads, 0, stream>>>(
+          a.plan.token_offsets, a.plan.token_assignments, a.plan.weight,
+          static_cast<const float*>(a.expert_out), a.shared_out, a.residual, a.out, a.hidden_size);
+      break;
+    case DType::kBF16:
+      CombineKernel<<<a.plan.num_tokens, kThreads, 0, stream>>>(
+          a.plan.token_offsets, a.plan.token_assignments, a.plan.weight,
+          static_cast<const __nv_bfloat16*>(a.expert_out), a.shared_out, a.residual, a.out,
+          a.hidden_size);
+      break;
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace moeserve::cuda

@@ -1,0 +1,419 @@
+// Device routing plan: marking, per-expert prefix sums, per-token passes. See routing_plan.h.
+#include <climits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda/routing_plan.h"
+#include "kernels/util/status_macros.h"
+
+namespace moeserve::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kScanThreads = 1024;
+constexpr int kRowWarpsPerBlock = 8;
+constexpr size_t kAlign = 256;
+constexpr int64_t kMaxPlanExperts = 4096;
+
+size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Carves consecutive aligned arrays out of one allocation.
+class Carver {
+ public:
+  // base may be null to measure the size only (integer arithmetic, no pointer overflow).
+  explicit Carver(void* base) : base_(reinterpret_cast<uintptr_t>(base)) {}
+  template <typename T>
+  T* Take(int64_t count) {
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += AlignUp(static_cast<size_t>(count) * sizeof(T));
+    return p;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  uintptr_t base_;
+  size_t used_ = 0;
+};
+
+struct Workspace {
+  uint32_t* bitmap;        // [num_experts, words]: bit t of expert e set iff (t, e) is selected
+  int32_t* word_prefix;    // [num_experts, words]: set bits of the expert's earlier words
+  int32_t* row_info;       // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
+  float* denom;            // [num_tokens]: expert-choice renormalization denominators
+  int32_t* chunk_offsets;  // [token chunks + 1]: the token scan's per-chunk prefix
+};
+
+Workspace CarveWorkspace(void* base, int64_t num_tokens, int64_t num_experts, size_t* used) {
+  const int64_t words = CeilDiv(num_tokens, kWarpSize);
+  Carver c(base);
+  Workspace w;
+  w.bitmap = c.Take<uint32_t>(num_experts * words);
+  w.word_prefix = c.Take<int32_t>(num_experts * words);
+  w.row_info = c.Take<int32_t>(num_tokens);
+  w.denom = c.Take<float>(num_tokens);
+  w.chunk_offsets = c.Take<int32_t>(CeilDiv(num_tokens, kScanThreads) + 1);
+  *used = c.used();
+  return w;
+}
+
+__global__ void MarkTokenChoiceKernel(const int32_t* __restrict__ rows, int64_t num_rows, int topk,
+                                      const int32_t* __restrict__ topk_idx, int64_t words,
+                                      uint32_t* __restrict__ bitmap,
+                                      int32_t* __restrict__ row_info) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= num_rows * topk) return;
+  const int64_t i = idx / topk;
+  const int32_t row = rows != nullptr ? rows[i] : static_cast<int32_t>(i);
+  const int64_t e = topk_idx[idx];
+  atomicOr(&bitmap[e * words + row / kWarpSize], 1u << (row % kWarpSize));
+  if (idx % topk == 0) row_info[row] = -static_cast<int32_t>(i + 1);
+}
+
+__global__ void MarkExpertChoiceKernel(const int32_t* __restrict__ selected, int64_t total_capacity,
+                                       int64_t count, int64_t words,
+                                       uint32_t* __restrict__ bitmap) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= count) return;
+  const int64_t e = idx / total_capacity;
+  const int32_t row = selected[idx];
+  atomicOr(&bitmap[e * words + row / kWarpSize], 1u << (row % kWarpSize));
+}
+
+// row_info[row] = scope + 1 for every row of every scope (a binary search finds the scope).
+__global__ void MarkScopeRowsKernel(const int32_t* __restrict__ row_offsets,
+                                    const int32_t* __restrict__ rows, int64_t num_scopes,
+                                    int32_t* __restrict__ row_info) {
+  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (p >= row_offsets[num_scopes]) return;
+  int64_t lo = 0, hi = num_scopes;  // row_offsets[lo] <= p < row_offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (row_offsets[mid] <= p) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int32_t row = rows != nullptr ? rows[p] : static_cast<int32_t>(p);
+  row_info[row] = static_cast<int32_t>(lo + 1);
+}
+
+// One block per expert: word_prefix of its bitmap row, and its count in expert_offsets[e + 1].
+__global__ void ExpertPrefixKernel(const uint32_t* __restrict__ bitmap, int64_t words,
+                                   int32_t* __restrict__ word_prefix,
+                                   int32_t* __restrict__ expert_offsets) {
+  __shared__ int scratch[kWarpSize];
+  const int64_t e = blockIdx.x;
+  int carry = 0;
+  for (int64_t base = 0; base < words; base += blockDim.x) {
+    const int64_t w = base + threadIdx.x;
+    const int count = w < words ? __popc(bitmap[e * words + w]) : 0;
+    int total;
+    const int before = BlockExclusiveScan(count, scratch, &total);
+    if (w < words) word_prefix[e * words + w] = carry + before;
+    carry += total;
+  }
+  if (threadIdx.x == 0) expert_offsets[e + 1] = carry;
+}
+
+// offsets[1..n] hold counts; turns them into the CSR index offsets[0..n] (one block).
+__global__ void InPlaceOffsetsKernel(int32_t* offsets, int64_t n) {
+  __shared__ int scratch[kWarpSize];
+  int carry = 0;
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t i = base + threadIdx.x;
+    const int count = i < n ? offsets[i + 1] : 0;
+    int total;
+    const int before = BlockExclusiveScan(count, scratch, &total);
+    if (i < n) offsets[i + 1] = carry + before + count;
+    carry += total;
+  }
+  if (threadIdx.x == 0) offsets[0] = 0;
+}
+
+// offsets[1..n] hold counts: scans each chunk of kScanThreads in place (inclusive, chunk-local)
+// and leaves chunk b's total in chunk_offsets[b + 1].
+__global__ void ChunkScanKernel(int32_t* offsets, int64_t n, int32_t* chunk_offsets) {
+  __shared__ int scratch[kWarpSize];
+  const int64_t i = blockIdx.x * static_cast<int64_t>(kScanThreads) + threadIdx.x;
+  const int count = i < n ? offsets[i + 1] : 0;
+  int total;
+  const int before = BlockExclusiveScan(count, scratch, &total);
+  if (i < n) offsets[i + 1] = before + count;
+  if (threadIdx.x == 0) chunk_offsets[blockIdx.x + 1] = total;
+}
+
+// Adds each chunk's prefix: offsets becomes the CSR index offsets[0..n].
+__global__ void AddChunkOffsetsKernel(int32_t* offsets, int64_t n,
+                                      const int32_t* __restrict__ chunk_offsets) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) offsets[i + 1] += chunk_offsets[i / kScanThreads];
+  if (i == 0) offsets[0] = 0;
+}
+
+struct RowPassParams {
+  int64_t num_tokens;
+  int num_experts;
+  int64_t words;
+  const uint32_t* bitmap;
+  const int32_t* word_prefix;
+  const int32_t* row_info;
+  float* denom;
+  // Token-choice selections.
+  int topk;
+  const int32_t* topk_idx;
+  const float* topk_weight;
+  // Expert-choice weighting.
+  const float* logits;
+  const uint8_t* renormalize;
+  float scale;
+  // The plan.
+  const int32_t* expert_offsets;
+  int32_t* token_offsets;
+  int32_t* token_idx;
+  float* weight;
+  int32_t* token_assignments;
+};
+
+// One block per 32 tokens (one bitmap word): the block stages that word of every expert's bitmap
+// (and, in pass 2, every expert's base position for these tokens) in shared memory; then a warp
+// per token walks its experts in ascending order, 32 at a time. Pass 1 (kWrite false) counts them
+// and sums expert-choice denominators in that order; pass 2 writes the plan.
+template <bool kWrite>
+__global__ void RowPassKernel(RowPassParams p) {
+  extern __shared__ uint32_t staged[];  // bits [num_experts], then (pass 2) base [num_experts]
+  uint32_t* word_bits = staged;
+  int32_t* base = reinterpret_cast<int32_t*>(staged + p.num_experts);
+  const int64_t word = blockIdx.x;
+  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+    word_bits[e] = p.bitmap[e * p.words + word];
+    if constexpr (kWrite) base[e] = p.expert_offsets[e] + p.word_prefix[e * p.words + word];
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int t = threadIdx.x / kWarpSize; t < kWarpSize; t += kRowWarpsPerBlock) {
+    const int64_t row = word * kWarpSize + t;
+    if (row >= p.num_tokens) break;
+    const int32_t info = p.row_info[row];
+    if (info < 0) {
+      // Token-choice rows: lane j places entry j; its rank among the row's experts (ascending)
+      // is its slot in the token-major index.
+      const int64_t i = -static_cast<int64_t>(info) - 1;
+      if constexpr (kWrite) {
+        const int e = lane < p.topk ? p.topk_idx[i * p.topk + lane] : INT_MAX;
+        int rank = 0;
+        for (int j = 0; j < p.topk; ++j) rank += __shfl_sync(kFullMask, e, j) < e;
+        if (lane < p.topk) {
+          const int32_t a = base[e] + __popc(word_bits[e] & ((1u << t) - 1u));
+          p.token_idx[a] = static_cast<int32_t>(row);
+          p.weight[a] = p.topk_weight[i * p.topk + lane];
+          p.token_assignments[p.token_offsets[row] + rank] = a;
+        }
+      } else if (lane == 0) {
+        p.token_offsets[row + 1] = p.topk;
+      }
+      continue;
+    }
+    const uint32_t bit = 1u << t;
+    float denom = kWrite && info > 0 ? p.denom[row] : 0.0f;
+    int count = 0;
+    for (int e0 = 0; e0 < p.num_experts; e0 += kWarpSize) {
+      const int e = e0 + lane;
+      const uint32_t bits = e < p.num_experts ? word_bits[e] : 0u;
+      const bool selected = (bits & bit) != 0;
+      const unsigned ballot = __ballot_sync(kFullMask, selected);
+      if constexpr (!kWrite) {
+        if (info > 0) {
+          const float s = selected ? RouterSigmoid(p.logits[row * p.num_experts + e]) : 0.0f;
+          for (unsigned b = ballot; b != 0; b &= b - 1) {
+            denom = __fadd_rn(denom, __shfl_sync(kFullMask, s, __ffs(b) - 1));
+          }
+        }
+      } else if (selected) {
+        const int32_t a = base[e] + __popc(bits & (bit - 1u));
+        float w = 0.0f;  // a selected expert of an unrouted row cannot happen
+        if (info > 0) {
+          const float s = RouterSigmoid(p.logits[row * p.num_experts + e]);
+          w = p.renormalize[info - 1] != 0 ? __fmul_rn(__fdiv_rn(s, denom), p.scale)
+                                           : __fmul_rn(s, p.scale);
+        }
+        p.token_idx[a] = static_cast<int32_t>(row);
+        p.weight[a] = w;
+        p.token_assignments[p.token_offsets[row] + count + __popc(ballot & lanes_below)] = a;
+      }
+      count += __popc(ballot);
+    }
+    if constexpr (!kWrite) {
+      if (lane == 0) {
+        p.token_offsets[row + 1] = count;
+        if (info > 0) p.denom[row] = denom;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<DeviceRoutingPlanStorage> DeviceRoutingPlanStorage::Allocate(
+    int64_t num_tokens, int64_t num_experts, int64_t num_assignments) {
+  if (num_tokens < 0 || num_experts < 1 || num_assignments < 0 || num_assignments > INT32_MAX) {
+    return absl::InvalidArgumentError("routing plan: bad sizes");
+  }
+  DeviceRoutingPlanStorage s;
+  const size_t bytes =
+      AlignUp((num_experts + 1) * sizeof(int32_t)) + AlignUp(num_assignments * sizeof(int32_t)) +
+      AlignUp(num_assignments * sizeof(float)) + AlignUp((num_tokens + 1) * sizeof(int32_t)) +
+      AlignUp(num_assignments * sizeof(int32_t));
+  ASSIGN_OR_RETURN(s.buffer_, DeviceBuffer::Allocate(bytes));
+  Carver c(s.buffer_.data());
+  DeviceRoutingPlan& plan = s.plan_;
+  plan.num_tokens = num_tokens;
+  plan.num_experts = num_experts;
+  plan.num_assignments = num_assignments;
+  plan.expert_offsets = c.Take<int32_t>(num_experts + 1);
+  plan.token_idx = c.Take<int32_t>(num_assignments);
+  plan.weight = c.Take<float>(num_assignments);
+  plan.token_offsets = c.Take<int32_t>(num_tokens + 1);
+  plan.token_assignments = c.Take<int32_t>(num_assignments);
+  return s;
+}
+
+absl::StatusOr<DeviceRoutingPlanStorage> UploadRoutingPlan(const RoutingPlan& host) {
+  const int64_t n = host.num_assignments();
+  ASSIGN_OR_RETURN(DeviceRoutingPlanStorage storage,
+                   DeviceRoutingPlanStorage::Allocate(host.num_tokens, host.num_experts, n));
+  // Token-major index: assignments are in ascending expert order, so filling per token in that
+  // order lists each token's experts ascending.
+  std::vector<int32_t> token_offsets(host.num_tokens + 1, 0), token_assignments(n);
+  for (int64_t a = 0; a < n; ++a) ++token_offsets[host.token_idx[a] + 1];
+  for (int64_t t = 0; t < host.num_tokens; ++t) token_offsets[t + 1] += token_offsets[t];
+  std::vector<int32_t> fill(token_offsets.begin(), token_offsets.end() - 1);
+  for (int64_t a = 0; a < n; ++a) token_assignments[fill[host.token_idx[a]]++] = a;
+  const DeviceRoutingPlan& p = storage.plan();
+  RETURN_IF_ERROR(CopyToDevice(host.expert_offsets.data(),
+                               host.expert_offsets.size() * sizeof(int32_t), p.expert_offsets));
+  RETURN_IF_ERROR(CopyToDevice(host.token_idx.data(), n * sizeof(int32_t), p.token_idx));
+  RETURN_IF_ERROR(CopyToDevice(host.weight.data(), n * sizeof(float), p.weight));
+  RETURN_IF_ERROR(
+      CopyToDevice(token_offsets.data(), token_offsets.size() * sizeof(int32_t), p.token_offsets));
+  RETURN_IF_ERROR(CopyToDevice(token_assignments.data(), n * sizeof(int32_t), p.token_assignments));
+  return storage;
+}
+
+absl::StatusOr<RoutingPlan> DownloadRoutingPlan(const DeviceRoutingPlan& p) {
+  RoutingPlan host;
+  host.num_tokens = p.num_tokens;
+  host.num_experts = p.num_experts;
+  ASSIGN_OR_RETURN(host.expert_offsets, Download(p.expert_offsets, p.num_experts + 1));
+  ASSIGN_OR_RETURN(host.token_idx, Download(p.token_idx, p.num_assignments));
+  ASSIGN_OR_RETURN(host.weight, Download(p.weight, p.num_assignments));
+  return host;
+}
+
+int64_t PlanAssignments(const TokenChoiceSelections* tc, const ExpertChoiceSelections* ec,
+                        int64_t num_experts) {
+  return (tc != nullptr ? tc->num_rows * tc->topk : 0) +
+         (ec != nullptr ? num_experts * ec->scopes.total_capacity : 0);
+}
+
+size_t BuildRoutingPlanWorkspaceBytes(int64_t num_tokens, int64_t num_experts) {
+  size_t used = 0;
+  CarveWorkspace(nullptr, num_tokens, num_experts, &used);
+  return used;
+}
+
+absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream) {
+  const DeviceRoutingPlan& plan = a.plan;
+  const int64_t num_tokens = plan.num_tokens, num_experts = plan.num_experts;
+  if (num_tokens < 0 || num_tokens > INT32_MAX || num_experts < 1 ||
+      num_experts > kMaxPlanExperts) {
+    return absl::InvalidArgumentError(
+        "routing plan: num_tokens must be in [0, 2^31), num_experts in [1, 4096] (the token pass "
+        "stages one bitmap word per expert in shared memory)");
+  }
+  const int64_t want = PlanAssignments(a.token_choice, a.expert_choice, num_experts);
+  if (plan.num_assignments != want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "routing plan: num_assignments is ", plan.num_assignments, ", the selections make ", want));
+  }
+  if (a.workspace_bytes < BuildRoutingPlanWorkspaceBytes(num_tokens, num_experts)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("routing plan: workspace of ", a.workspace_bytes, " bytes, need ",
+                     BuildRoutingPlanWorkspaceBytes(num_tokens, num_experts)));
+  }
+  if (a.token_choice != nullptr && (a.token_choice->topk < 1 || a.token_choice->num_rows < 0)) {
+    return absl::InvalidArgumentError("routing plan: token-choice topk must be >= 1");
+  }
+  size_t used = 0;
+  const Workspace ws = CarveWorkspace(a.workspace, num_tokens, num_experts, &used);
+  const int64_t words = CeilDiv(num_tokens, kWarpSize);
+  CUDA_RETURN_IF_ERROR(
+      cudaMemsetAsync(ws.bitmap, 0, num_experts * words * sizeof(uint32_t), stream));
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.row_info, 0, num_tokens * sizeof(int32_t), stream));
+
+  RowPassParams p{};
+  p.num_tokens = num_tokens;
+  p.num_experts = static_cast<int>(num_experts);
+  p.words = words;
+  p.bitmap = ws.bitmap;
+  p.word_prefix = ws.word_prefix;
+  p.row_info = ws.row_info;
+  p.denom = ws.denom;
+  p.expert_offsets = plan.expert_offsets;
+  p.token_offsets = plan.token_offsets;
+  p.token_idx = plan.token_idx;
+  p.weight = plan.weight;
+  p.token_assignments = plan.token_assignments;
+
+  if (const TokenChoiceSelections* tc = a.token_choice; tc != nullptr && tc->num_rows > 0) {
+    const int64_t count = tc->num_rows * tc->topk;
+    MarkTokenChoiceKernel<<<CeilDiv(count, kThreads), kThreads, 0, stream>>>(
+        tc->rows, tc->num_rows, static_cast<int>(tc->topk), tc->topk_idx, words, ws.bitmap,
+        ws.row_info);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    p.topk = static_cast<int>(tc->topk);
+    p.topk_idx = tc->topk_idx;
+    p.topk_weight = tc->topk_weight;
+  }
+  if (const ExpertChoiceSelections* ec = a.expert_choice;
+      ec != nullptr && ec->scopes.num_scopes > 0 && ec->scopes.total_capacity > 0) {
+    const int64_t count = num_experts * ec->scopes.total_capacity;
+    MarkExpertChoiceKernel<<<CeilDiv(count, kThreads), kThreads, 0, stream>>>(
+        ec->selected, ec->scopes.total_capacity, count, words, ws.bitmap);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    // Every row of the scopes, at most num_tokens of them.
+    MarkScopeRowsKernel<<<CeilDiv(num_tokens, kThreads), kThreads, 0, stream>>>(
+        ec->scopes.row_offsets, ec->scopes.rows, ec->scopes.num_scopes, ws.row_info);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    p.logits = ec->logits;
+    p.renormalize = ec->renormalize;
+    p.scale = ec->routed_scaling_factor;
+  }
+
+  ExpertPrefixKernel<<<num_experts, kThreads, 0, stream>>>(ws.bitmap, words, ws.word_prefix,
+                                                           plan.expert_offsets);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  InPlaceOffsetsKernel<<<1, kScanThreads, 0, stream>>>(plan.expert_offsets, num_experts);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (num_tokens == 0) return absl::OkStatus();
+  const size_t staged_bytes = 2 * num_experts * sizeof(uint32_t);
+  RowPassKernel<false><<<words, kRowWarpsPerBlock * kWarpSize, staged_bytes, stream>>>(p);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  const int64_t chunks = CeilDiv(num_tokens, kScanThreads);
+  ChunkScanKernel<<<chunks, kScanThreads, 0, stream>>>(plan.token_offsets, num_tokens,
+                                                       ws.chunk_offsets);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  InPlaceOffsetsKernel<<<1, kScanThreads, 0, stream>>>(ws.chunk_offsets, chunks);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  AddChunkOffsetsKernel<<<CeilDiv(num_tokens, kThreads), kThreads, 0, stream>>>(
+      plan.token_offsets, num_tokens, ws.chunk_offsets);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  RowPassKernel<true><<<words, kRowWarpsPerBlock * kWarpSize, staged_bytes, stream>>>(p);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace moeserve::cuda

@@ -1,0 +1,213 @@
+// Helpers of the CUDA benchmark programs (tests/kernels/cuda_bench.cu, tests/model/model_bench.cu):
+// checks that exit with a message, device buffers, random device data, event and CUDA-graph
+// timers (medians after warm-up), and this GPU's ceilings measured in the same process.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/gemm.h"
+
+namespace moeserve::cuda {
+namespace {
+
+void Check(const absl::Status& status, const char* what) {
+  if (!status.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, status.ToString().c_str());
+    std::exit(1);
+  }
+}
+void Check(cudaError_t error, const char* what) {
+  if (error != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(error));
+    std::exit(1);
+  }
+}
+
+DeviceBuffer Alloc(size_t bytes) {
+  absl::StatusOr<DeviceBuffer> b = DeviceBuffer::Allocate(std::max<size_t>(bytes, 16));
+  Check(b.status(), "allocate");
+  return std::move(*b);
+}
+
+template <typename T>
+DeviceBuffer Upload(const std::vector<T>& host) {
+  DeviceBuffer b = Alloc(host.size() * sizeof(T));
+  Check(CopyToDevice(host.data(), host.size() * sizeof(T), b.data()), "upload");
+  return b;
+}
+
+__global__ void FillKernel(float* p, int64_t n, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x2c1b3c6du;
+    h ^= h >> 12;
+    p[i] = (static_cast<float>(h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale;
+  }
+}
+__global__ void FillBf16Kernel(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b1u ^ seed;
+    h ^= h >> 15;
+    h *= 0x2c1b3c6du;
+    h ^= h >> 12;
+    p[i] = __float2bfloat16_rn((static_cast<float>(h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale);
+  }
+}
+// Random device data without host traffic (never zeros: they can run faster than real data).
+DeviceBuffer RandomDevice(int64_t n, DType dtype, uint32_t seed, float scale = 1.0f) {
+  DeviceBuffer b = Alloc(n * DTypeSize(dtype));
+  switch (dtype) {
+    case DType::kF32:
+      FillKernel<<<1024, 256>>>(b.as<float>(), n, seed, scale);
+      break;
+    case DType::kBF16:
+      FillBf16Kernel<<<1024, 256>>>(b.as<__nv_bfloat16>(), n, seed, scale);
+      break;
+  }
+  Check(cudaGetLastError(), "fill");
+  return b;
+}
+
+// Median microseconds per call of `fn(i)` (i counts calls, for rotating inputs).
+double TimeUs(const std::function<void(int)>& fn, int samples = 30) {
+  cudaEvent_t start, stop;
+  Check(cudaEventCreate(&start), "event");
+  Check(cudaEventCreate(&stop), "event");
+  int call = 0;
+  for (int i = 0; i < 5; ++i) fn(call++);  // warm-up
+  Check(cudaDeviceSynchronize(), "warm-up");
+  // Calls per sample: enough for ~200 us of work, so launch gaps and event resolution vanish.
+  Check(cudaEventRecord(start), "record");
+  fn(call++);
+  Check(cudaEventRecord(stop), "record");
+  Check(cudaEventSynchronize(stop), "sync");
+  float one_ms = 0;
+  Check(cudaEventElapsedTime(&one_ms, start, stop), "elapsed");
+  const int inner = std::clamp(static_cast<int>(0.2f / std::max(one_ms, 1e-4f)), 1, 200);
+  std::vector<double> us;
+  for (int s = 0; s < samples; ++s) {
+    Check(cudaEventRecord(start), "record");
+    for (int i = 0; i < inner; ++i) fn(call++);
+    Check(cudaEventRecord(stop), "record");
+    Check(cudaEventSynchronize(stop), "sync");
+    float ms = 0;
+    Check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
+    us.push_back(1000.0 * ms / inner);
+  }
+  Check(cudaGetLastError(), "timed work");
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
+// Median microseconds per call of `fn(stream)` replayed from a CUDA graph of 10 calls: what the
+// op costs inside a captured forward, without the host's launch overhead.
+double TimeGraphUs(const std::function<void(cudaStream_t)>& fn, int samples = 20) {
+  constexpr int kCallsPerGraph = 10;
+  cudaStream_t stream;
+  Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  for (int i = 0; i < 3; ++i) fn(stream);  // warm-up, one-time attribute calls
+  Check(cudaStreamSynchronize(stream), "warm-up");
+  cudaGraph_t graph;
+  Check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+  for (int i = 0; i < kCallsPerGraph; ++i) fn(stream);
+  Check(cudaStreamEndCapture(stream, &graph), "capture");
+  cudaGraphExec_t exec;
+  Check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  cudaEvent_t start, stop;
+  Check(cudaEventCreate(&start), "event");
+  Check(cudaEventCreate(&stop), "event");
+  Check(cudaGraphLaunch(exec, stream), "graph");
+  std::vector<double> us;
+  for (int s = 0; s < samples; ++s) {
+    Check(cudaEventRecord(start, stream), "record");
+    Check(cudaGraphLaunch(exec, stream), "graph");
+    Check(cudaEventRecord(stop, stream), "record");
+    Check(cudaEventSynchronize(stop), "sync");
+    float ms = 0;
+    Check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
+    us.push_back(1000.0 * ms / kCallsPerGraph);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  std::sort(us.begin(), us.end());
+  return us[us.size() / 2];
+}
+
+struct Ceilings {
+  double copy_bytes_per_s;      // bytes read + written per second, device-to-device copy
+  double bf16_flop_per_s;       // cuBLAS bf16 8192^3
+  double fp32_simt_flop_per_s;  // SMs x 128 lanes x 2 x clock
+};
+
+void Row(const std::string& name, double us, const std::string& achieved, double ratio,
+         const std::string& limit) {
+  std::printf("%-52s %10.2f us  %-22s %6.1f%% of %s\n", name.c_str(), us, achieved.c_str(),
+              100.0 * ratio, limit.c_str());
+}
+std::string Tbps(double bytes, double us) {
+  char s[64];
+  std::snprintf(s, sizeof(s), "%.3f TB/s", bytes / us / 1e6);
+  return s;
+}
+std::string Tflops(double flop, double us) {
+  char s[64];
+  std::snprintf(s, sizeof(s), "%.1f TFLOP/s", flop / us / 1e6);
+  return s;
+}
+
+Ceilings MeasureCeilings(Gemm& gemm) {
+  Ceilings c{};
+  const size_t bytes = size_t{1} << 30;
+  DeviceBuffer a = RandomDevice(bytes / 4, DType::kF32, 1), b = Alloc(bytes);
+  const double copy_us = TimeUs(
+      [&](int) {
+        Check(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice), "copy");
+      },
+      10);
+  c.copy_bytes_per_s = 2.0 * bytes / (copy_us * 1e-6);
+  const int64_t n = 8192;
+  DeviceBuffer x = RandomDevice(n * n, DType::kBF16, 2), w = RandomDevice(n * n, DType::kBF16, 3),
+               y = Alloc(n * n * 2);
+  GemmArgs g;
+  g.x_dtype = DType::kBF16;
+  g.x = x.data();
+  g.x_stride = n;
+  g.num_rows = n;
+  g.w = {DType::kBF16, w.data(), n, n};
+  g.y_dtype = DType::kBF16;
+  g.y = y.data();
+  g.y_stride = n;
+  const double gemm_us = TimeUs([&](int) { Check(gemm.Run(g), "gemm"); }, 10);
+  c.bf16_flop_per_s = 2.0 * n * n * n / (gemm_us * 1e-6);
+  int sms = 0, clock_khz = 0;
+  Check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attr");
+  Check(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0), "attr");
+  c.fp32_simt_flop_per_s = sms * 128.0 * 2.0 * clock_khz * 1e3;
+  std::printf(
+      "ceilings: copy %.2f TB/s (read + write), bf16 GEMM %.0f TFLOP/s, fp32 CUDA cores "
+      "%.1f TFLOP/s (%d SMs x 128 x 2 x %.2f GHz)\n\n",
+      c.copy_bytes_per_s / 1e12, c.bf16_flop_per_s / 1e12, c.fp32_simt_flop_per_s / 1e12, sms,
+      clock_khz / 1e6);
+  return c;
+}
+
+}  // namespace
+}  // namespace moeserve::cuda

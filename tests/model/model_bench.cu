@@ -1,0 +1,404 @@
+// Benchmark of the LLaDA2.0-mini MoE layer and of whole forwards on the GPU (a program, not a
+// test: it needs a GPU and about 40 GB of device and 40 GB of host memory).
+//
+// 1. The routed experts of one MoE layer (hidden 2048, expert width 512, 256 experts, top-8,
+//    BF16 random weights) at N = 32 ... 16384 tokens, from routing given to layer output: device
+//    plan build, gather, gate/up GEMMs, SwiGLU, down GEMMs, weighted combine (no shared expert,
+//    no router). Routings: token-choice with uniform and Zipf-skewed (skew 1.0) router logits,
+//    expert-choice with capacity factor 1.0 and 1.25 over one scope of N tokens. Beside each, a
+//    plain baseline in the same process: the same gather, SwiGLU and combine with one cuBLAS GEMM
+//    per expert instead of the grouped / strided-batched calls. Each time is the median of many
+//    event-timed runs after warm-up (host launches included; a token-choice plan's per-expert
+//    counts are copied back every run, as the forward does). Ratio = floor / time, floor =
+//    max(bytes that must be read / copy bandwidth, useful FLOPs / bf16 GEMM rate), both ceilings
+//    measured first in the same process; bytes = the touched experts' weights + x + the output.
+// 2. The routing kernels alone are in tests/kernels/cuda_bench.cu.
+// 3. Whole forwards of the random-weight full LLaDA2.0-mini (Model on Device::kCuda, BF16) at 1,
+//    8, 32 and 64 concurrent 32-token blocks over a 512-token cached prefix each, token-choice and
+//    expert-choice (request scope, capacity factor 1.0 and 1.25): wall time of Model::Forward (all
+//    host work and synchronization included), and the ratio of the time to read what the forward
+//    must read (non-expert weights, lm_head, the touched experts, the K/V caches) at copy
+//    bandwidth.
+//
+// Usage: model_bench [--config model/configs/LLaDA2.0-mini-preview.json] [--layer-only]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/expert_choice.h"
+#include "kernels/cuda/moe_dispatch.h"
+#include "kernels/cuda/moe_experts.h"
+#include "kernels/cuda/routing_plan.h"
+#include "kernels/cuda/swiglu.h"
+#include "kernels/cuda/token_choice.h"
+#include "model/checkpoint.h"
+#include "model/config.h"
+#include "model/model.h"
+#include "tests/kernels/bench_util.cuh"
+
+namespace moeserve::cuda {
+namespace {
+
+constexpr int64_t kExperts = 256, kTopk = 8, kHidden = 2048, kWidth = 512;
+constexpr double kExpertBytes = 3.0 * kWidth * kHidden * 2;          // W13 + W2, BF16
+constexpr double kFlopPerAssignment = 2.0 * 3.0 * kWidth * kHidden;  // gate, up, down
+
+// Router logits [n, experts]: uniform noise plus, when skewed, -skew * ln(rank) for a random
+// popularity rank per expert (what route-stats --skew does).
+std::vector<float> RouterLogits(int64_t n, double skew, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  std::vector<int> rank(kExperts);
+  std::iota(rank.begin(), rank.end(), 1);
+  std::shuffle(rank.begin(), rank.end(), rng);
+  std::vector<float> logits(n * kExperts);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t e = 0; e < kExperts; ++e) {
+      logits[t * kExperts + e] = u(rng) - static_cast<float>(skew * std::log(rank[e]));
+    }
+  }
+  return logits;
+}
+
+struct LayerWeights {
+  DeviceBuffer w13, w2;
+  ExpertWeightsView w13_view, w2_view;
+};
+
+// One routing of n tokens as a device plan, with its host offsets.
+struct Routed {
+  DeviceRoutingPlanStorage storage;
+  std::vector<int32_t> offsets;
+  int64_t touched_experts = 0;
+  bool token_choice = false;
+  // What BuildRoutingPlan needs again in the timed region.
+  DeviceBuffer logits, rows, topk_idx, topk_weight, selected, renormalize, plan_ws;
+  DeviceBuffer row_offsets, capacity, selected_offsets;
+  TokenChoiceSelections tc;
+  ExpertChoiceSelections ec;
+  BuildRoutingPlanArgs build;
+};
+
+Routed Route(int64_t n, bool token_choice, double skew, double capacity_factor) {
+  Routed r;
+  r.token_choice = token_choice;
+  r.logits = Upload(RouterLogits(n, skew, 7));
+  r.plan_ws = Alloc(BuildRoutingPlanWorkspaceBytes(n, kExperts));
+  int64_t assignments = 0;
+  if (token_choice) {
+    r.topk_idx = Alloc(n * kTopk * 4);
+    r.topk_weight = Alloc(n * kTopk * 4);
+    const cpu::TokenChoiceParams p{kExperts, kTopk, 8, 4, true, 2.5f};
+    Check(TokenChoiceRoute(p,
+                           {r.logits.as<float>(), nullptr, nullptr, n, r.topk_idx.as<int32_t>(),
+                            r.topk_weight.as<float>()},
+                           nullptr),
+          "token choice");
+    r.tc = {nullptr, n, kTopk, r.topk_idx.as<int32_t>(), r.topk_weight.as<float>()};
+    r.build.token_choice = &r.tc;
+    assignments = n * kTopk;
+  } else {
+    const int32_t cap =
+        static_cast<int32_t>(ExpertChoiceCapacity(capacity_factor, n, kTopk, kExperts));
+    r.row_offsets = Upload(std::vector<int32_t>{0, static_cast<int32_t>(n)});
+    r.capacity = Upload(std::vector<int32_t>{cap});
+    r.selected_offsets = Upload(std::vector<int32_t>{0, cap});
+    r.renormalize = Upload(std::vector<uint8_t>{1});
+    ExpertChoiceScopes scopes{1,
+                              r.row_offsets.as<int32_t>(),
+                              nullptr,
+                              r.capacity.as<int32_t>(),
+                              r.selected_offsets.as<int32_t>(),
+                              n,
+                              cap};
+    r.selected = Alloc(kExperts * cap * 4);
+    DeviceBuffer ws = Alloc(ExpertChoiceWorkspaceBytes(LogitsLayout::kTokenMajor, n, kExperts));
+    ExpertChoiceSelectArgs a;
+    a.logits = r.logits.as<float>();
+    a.num_tokens = n;
+    a.num_experts = kExperts;
+    a.scopes = scopes;
+    a.selected = r.selected.as<int32_t>();
+    a.workspace = ws.data();
+    a.workspace_bytes = ws.bytes();
+    Check(ExpertChoiceSelect(a, nullptr), "expert choice");
+    r.ec = {scopes, r.selected.as<int32_t>(), r.renormalize.as<uint8_t>(), r.logits.as<float>(),
+            2.5f};
+    r.build.expert_choice = &r.ec;
+    assignments = kExperts * cap;
+  }
+  absl::StatusOr<DeviceRoutingPlanStorage> storage =
+      DeviceRoutingPlanStorage::Allocate(n, kExperts, assignments);
+  Check(storage.status(), "plan storage");
+  r.storage = std::move(*storage);
+  r.build.plan = r.storage.plan();
+  r.build.workspace = r.plan_ws.data();
+  r.build.workspace_bytes = r.plan_ws.bytes();
+  Check(BuildRoutingPlan(r.build, nullptr), "plan");
+  absl::StatusOr<std::vector<int32_t>> offsets =
+      Download(r.storage.plan().expert_offsets, kExperts + 1);
+  Check(offsets.status(), "offsets");
+  r.offsets = *offsets;
+  for (int64_t e = 0; e < kExperts; ++e) r.touched_experts += r.offsets[e + 1] > r.offsets[e];
+  return r;
+}
+
+void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
+  LayerWeights w;
+  w.w13 = RandomDevice(kExperts * 2 * kWidth * kHidden, DType::kBF16, 11, 0.03f);
+  w.w2 = RandomDevice(kExperts * kHidden * kWidth, DType::kBF16, 12, 0.03f);
+  w.w13_view = {DType::kBF16, w.w13.data(), kExperts, 2 * kWidth, kHidden};
+  w.w2_view = {DType::kBF16, w.w2.data(), kExperts, kHidden, kWidth};
+  std::printf(
+      "MoE layer, routed experts (256 x [1024 x 2048 | 2048 x 512] BF16), routing given to layer "
+      "output; floor = max(bytes / %.2f TB/s, FLOPs / %.0f TFLOP/s)\n",
+      ceil.copy_bytes_per_s / 1e12, ceil.bf16_flop_per_s / 1e12);
+  std::printf("%-24s %6s %8s %10s %9s %9s %7s %10s %7s %8s\n", "routing", "N", "experts", "time us",
+              "TB/s", "TFLOP/s", "floor%", "base us", "base%", "speedup");
+  struct Mode {
+    const char* name;
+    bool token_choice;
+    double skew, cf;
+  };
+  const Mode modes[] = {{"token_choice uniform", true, 0.0, 0},
+                        {"token_choice skew 1.0", true, 1.0, 0},
+                        {"expert_choice cf 1.0", false, 0.0, 1.0},
+                        {"expert_choice cf 1.25", false, 0.0, 1.25}};
+  for (int64_t n : {32, 256, 1024, 4096, 16384}) {
+    DeviceBuffer x = RandomDevice(n * kHidden, DType::kBF16, 13);
+    DeviceBuffer residual = RandomDevice(n * kHidden, DType::kF32, 14);
+    DeviceBuffer out = Alloc(n * kHidden * 4);
+    for (const Mode& m : modes) {
+      Routed r = Route(n, m.token_choice, m.skew, m.cf);
+      const DeviceRoutingPlan plan = r.storage.plan();
+      const int64_t a = plan.num_assignments;
+      DeviceBuffer ws = Alloc(MoeExpertsWorkspaceBytes(DType::kBF16, a, kHidden, kWidth));
+      DeviceBuffer expert_out = Alloc(a * kHidden * 2);
+      std::vector<int32_t> offsets(kExperts + 1);
+      auto get_offsets = [&] {
+        if (!r.token_choice) return;  // even plans: known on the host
+        Check(cudaMemcpy(offsets.data(), plan.expert_offsets, offsets.size() * 4,
+                         cudaMemcpyDeviceToHost),
+              "offsets");
+      };
+      offsets = r.offsets;
+      auto combine = [&] {
+        Check(Combine({plan, DType::kBF16, expert_out.data(), nullptr, residual.as<float>(),
+                       out.as<float>(), kHidden},
+                      nullptr),
+              "combine");
+      };
+      const double us = TimeUs([&](int) {
+        Check(BuildRoutingPlan(r.build, nullptr), "plan");
+        get_offsets();
+        MoeExpertsArgs args;
+        args.x = x.data();
+        args.plan = plan;
+        args.expert_offsets = offsets;
+        args.w13 = w.w13_view;
+        args.w2 = w.w2_view;
+        args.expert_out = expert_out.data();
+        args.workspace = ws.data();
+        args.workspace_bytes = ws.bytes();
+        Check(MoeExperts(gemm, args), "experts");
+        combine();
+      });
+      // Baseline: one cuBLAS GEMM per expert, same gather / SwiGLU / combine kernels.
+      DeviceBuffer xs = Alloc(a * kHidden * 2), gate_up = Alloc(a * 2 * kWidth * 2),
+                   act = Alloc(a * kWidth * 2);
+      const double base_us = TimeUs([&](int) {
+        Check(BuildRoutingPlan(r.build, nullptr), "plan");
+        get_offsets();
+        Check(GatherRows({DType::kBF16, x.data(), kHidden, plan.token_idx, a, xs.data()}, nullptr),
+              "gather");
+        for (int64_t e = 0; e < kExperts; ++e) {
+          const int32_t b = offsets[e], c = offsets[e + 1] - offsets[e];
+          if (c == 0) continue;
+          Check(gemm.Run({DType::kBF16,
+                          xs.as<__nv_bfloat16>() + int64_t{b} * kHidden,
+                          kHidden,
+                          c,
+                          {DType::kBF16, w.w13.as<__nv_bfloat16>() + e * 2 * kWidth * kHidden,
+                           2 * kWidth, kHidden},
+                          DType::kBF16,
+                          gate_up.as<__nv_bfloat16>() + int64_t{b} * 2 * kWidth,
+                          2 * kWidth,
+                          0.0f}),
+                "w13");
+        }
+        SwiGluArgs s{DType::kBF16, gate_up.data(), a, kWidth};
+        s.out_bf16 = act.as<__nv_bfloat16>();
+        Check(SwiGlu(s, nullptr), "swiglu");
+        for (int64_t e = 0; e < kExperts; ++e) {
+          const int32_t b = offsets[e], c = offsets[e + 1] - offsets[e];
+          if (c == 0) continue;
+          Check(gemm.Run({DType::kBF16,
+                          act.as<__nv_bfloat16>() + int64_t{b} * kWidth,
+                          kWidth,
+                          c,
+                          {DType::kBF16, w.w2.as<__nv_bfloat16>() + e * kHidden * kWidth, kHidden,
+                           kWidth},
+                          DType::kBF16,
+                          expert_out.as<__nv_bfloat16>() + int64_t{b} * kHidden,
+                          kHidden,
+                          0.0f}),
+                "w2");
+        }
+        combine();
+      });
+      const double bytes = r.touched_experts * kExpertBytes + n * kHidden * 2.0 + n * kHidden * 4.0;
+      const double flop = a * kFlopPerAssignment;
+      const double floor_us =
+          std::max(bytes / ceil.copy_bytes_per_s, flop / ceil.bf16_flop_per_s) * 1e6;
+      std::printf("%-24s %6lld %8lld %10.1f %9.3f %9.1f %6.1f%% %10.1f %6.1f%% %7.2fx\n", m.name,
+                  static_cast<long long>(n), static_cast<long long>(r.touched_experts), us,
+                  bytes / us / 1e6, flop / us / 1e6, 100.0 * floor_us / us, base_us,
+                  100.0 * floor_us / base_us, base_us / us);
+    }
+  }
+  std::printf("\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Whole forwards of the full model.
+
+double MedianMs(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+void BenchForward(const std::string& config_path) {
+  absl::StatusOr<ModelConfig> config = LoadModelConfig(config_path);
+  Check(config.status(), "config");
+  const ModelConfig& c = *config;
+  auto t0 = std::chrono::steady_clock::now();
+  ModelWeights host = RandomWeights(c, {.seed = 1});
+  auto t1 = std::chrono::steady_clock::now();
+  absl::StatusOr<std::unique_ptr<Model>> model =
+      Model::Create(c, std::move(host), {Device::kCuda, DType::kBF16});
+  Check(model.status(), "model");
+  auto t2 = std::chrono::steady_clock::now();
+  std::printf("full model %s: %.2f B parameters, random init %.1f s, upload %.1f s\n",
+              config_path.c_str(), ParameterCount(c) / 1e9,
+              std::chrono::duration<double>(t1 - t0).count(),
+              std::chrono::duration<double>(t2 - t1).count());
+
+  // What one forward must read besides the routed experts: every other weight (attention,
+  // dense MLP, shared experts, routers, norms; the embedding rows are negligible) and lm_head.
+  const int64_t all_params = ParameterCount(c);
+  const int64_t expert_params =
+      c.num_moe_layers() * c.num_experts * 3 * c.moe_intermediate_size * c.hidden_size;
+  const int64_t embed_params = c.vocab_size * c.hidden_size;
+  const double other_bytes = 2.0 * (all_params - expert_params - embed_params);
+  const double expert_bytes = 2.0 * 3 * c.moe_intermediate_size * c.hidden_size;
+  const double copy_bw = [] {
+    absl::StatusOr<std::unique_ptr<Gemm>> g = Gemm::Create(nullptr);
+    Check(g.status(), "gemm");
+    return MeasureCeilings(**g).copy_bytes_per_s;
+  }();
+
+  constexpr int64_t kPrefix = 512, kBlock = 32;
+  struct Mode {
+    const char* name;
+    RoutingOptions routing;
+  };
+  RoutingOptions ec1, ec125;
+  ec1.mode = ec125.mode = RoutingMode::kExpertChoice;
+  ec1.capacity_factor = 1.0;
+  const Mode modes[] = {
+      {"token_choice", {}}, {"expert_choice cf 1.0", ec1}, {"expert_choice cf 1.25", ec125}};
+  std::printf("%-22s %6s %7s %10s %11s %10s %7s\n", "routing", "blocks", "tokens", "forward ms",
+              "experts/l", "floor ms", "floor%");
+  for (int64_t blocks : {1, 8, 32, 64}) {
+    for (const Mode& m : modes) {
+      std::vector<KvCache> caches;
+      std::vector<std::vector<int32_t>> prompt(blocks), block(blocks);
+      for (int64_t b = 0; b < blocks; ++b) {
+        caches.emplace_back(c);
+        for (int64_t i = 0; i < kPrefix; ++i) prompt[b].push_back((b * 7919 + i * 104729) % 150000);
+        block[b].assign(kBlock, static_cast<int32_t>(c.vocab_size - 1));
+        std::vector<SequenceInput> pre(1);
+        pre[0].token_ids = prompt[b];
+        pre[0].cache = &caches[b];
+        pre[0].block_length = kBlock;
+        pre[0].commit_tokens = kPrefix;
+        pre[0].routing = m.routing;
+        Check((*model)->Forward(pre).status(), "prefill");
+      }
+      std::vector<SequenceInput> in(blocks);
+      for (int64_t b = 0; b < blocks; ++b) {
+        in[b].token_ids = block[b];
+        in[b].cache = &caches[b];
+        in[b].block_length = kBlock;
+        in[b].commit_tokens = 0;  // a denoising step: the caches stay as they are
+        for (int32_t r = 0; r < kBlock; ++r) in[b].logit_rows.push_back(r);
+        in[b].routing = m.routing;
+        in[b].greedy = true;
+      }
+      std::vector<double> ms;
+      double touched = 0;
+      for (int it = 0; it < 13; ++it) {
+        const auto s = std::chrono::steady_clock::now();
+        absl::StatusOr<ForwardOutput> out = (*model)->Forward(in, nullptr, {0, 0});
+        const auto e = std::chrono::steady_clock::now();
+        Check(out.status(), "forward");
+        if (it < 3) continue;  // warm-up
+        ms.push_back(std::chrono::duration<double, std::milli>(e - s).count());
+        touched = 0;
+        for (const LayerLoad& load : out->layer_load) {
+          for (int64_t x = 0; x < c.num_experts; ++x) {
+            const RoutingLoad& tc = load.by_mode[0];
+            const RoutingLoad& ec = load.by_mode[1];
+            if (tc.tokens_per_expert.empty()) break;
+            touched += (tc.tokens_per_expert[x] + ec.tokens_per_expert[x]) > 0;
+          }
+        }
+      }
+      const double kv_bytes =
+          2.0 * blocks * (kPrefix + kBlock) * c.num_hidden_layers * c.kv_size() * 2;
+      const double bytes = other_bytes + touched * expert_bytes + kv_bytes;
+      const double floor_ms = bytes / copy_bw * 1e3;
+      const double med = MedianMs(ms);
+      std::printf("%-22s %6lld %7lld %10.2f %11.1f %10.2f %6.1f%%\n", m.name,
+                  static_cast<long long>(blocks), static_cast<long long>(blocks * kBlock), med,
+                  touched / c.num_moe_layers(), floor_ms, 100.0 * floor_ms / med);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moeserve::cuda
+
+int main(int argc, char** argv) {
+  using namespace moeserve::cuda;
+  if (!CudaDeviceAvailable()) {
+    std::fprintf(stderr, "model_bench: no CUDA device\n");
+    return 1;
+  }
+  std::string config = "model/configs/LLaDA2.0-mini-preview.json";
+  bool layer_only = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
+    if (std::strcmp(argv[i], "--layer-only") == 0) layer_only = true;
+  }
+  cudaDeviceProp prop{};
+  Check(cudaGetDeviceProperties(&prop, 0), "properties");
+  std::printf("device: %s, %d SMs, %.0f MB L2, %.0f GB\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize / 1e6, prop.totalGlobalMem / 1e9);
+  {
+    absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(nullptr);
+    Check(gemm.status(), "gemm");
+    const Ceilings ceil = MeasureCeilings(**gemm);
+    BenchMoeLayer(**gemm, ceil);
+  }
+  if (!layer_only) BenchForward(config);
+  return 0;
+}
