@@ -271,6 +271,7 @@ void Scheduler::Loop() {
         stats_.failed = true;
         FailEverything(absl::InternalError(absl::StrCat(
             "the engine failed while running this request: ", step.status().message())));
+        if (options_.on_engine_failure) options_.on_engine_failure(step.status());
         continue;
       }
       ++stats_.steps;

@@ -154,6 +154,7 @@ absl::StatusOr<std::unique_ptr<Backend>> LoadBackend(const SchedulerOptions& sch
   LogModelSummary(text_model);
   auto backend = std::make_unique<Backend>();
   backend->model = std::move(text_model.model);
+  backend->backend = DeviceName(backend->model->device());
   backend->tokenizer = std::move(text_model.tokenizer);
   backend->model_name = text_model.random_weights ? "demo (random weights)" : text_model.name;
   backend->random_weights = text_model.random_weights;
@@ -267,6 +268,10 @@ int RunServe(const sigset_t& signals) {
   // Load in the background; the main thread waits for signals.
   std::unique_ptr<Backend> backend;
   absl::Status load_status;
+  scheduler_options->on_engine_failure = [health](const absl::Status&) {
+    health->SetServingStatus(false);
+    MOESERVE_LOG(ERROR) << "health NOT_SERVING after a fatal engine error";
+  };
   absl::Notification loaded;
   std::thread loader([&] {
     auto result = LoadBackend(*scheduler_options, *expert_metrics);

@@ -26,7 +26,7 @@ struct Backend {
   std::unique_ptr<Scheduler> scheduler;
   std::string model_name;
   bool random_weights = false;
-  std::string backend = "cpu";
+  std::string backend = "cpu";  // DeviceName of the model's device
 };
 
 struct ServiceOptions {

@@ -7,8 +7,9 @@
 //      float4 at a time over head_dim (row strides padded by 4 floats: conflict-free).
 //   3. Softmax: 4 threads per row take 8 scores each, update the row's running max m and sum l,
 //      and leave p = exp(s - m_new) and the rescale factor exp(m_old - m_new) in shared memory.
-//   4. Output: warp w owns rows 8w .. 8w + 7, lane l owns head_dim / 32 consecutive dimensions;
-//      accumulators are rescaled, then accumulate p * v over the tile's keys.
+//   4. Output: warp w owns rows 8w .. 8w + 7, lane l owns head_dim / 32 consecutive dimensions
+//      (one for head_dim 16, where lanes 16..31 idle); accumulators are rescaled, then accumulate
+//      p * v over the tile's keys.
 // Masked scores (keys past a row's block-causal limit, or past the cache) are -inf and give p = 0.
 // The final division by l happens once per row at the end.
 #include <cmath>
@@ -63,11 +64,13 @@ __device__ __forceinline__ void Load8(const __nv_bfloat16* src, float* dst) {
   }
 }
 
-// kN (2 or 4) consecutive floats of shared memory in one load.
+// kN (1, 2 or 4) consecutive floats of shared memory in one load.
 template <int kN>
 __device__ __forceinline__ void LoadLane(const float* src, float* dst) {
-  static_assert(kN == 2 || kN == 4, "head_dim 64 or 128: 2 or 4 dimensions a lane");
-  if constexpr (kN == 4) {
+  static_assert(kN == 1 || kN == 2 || kN == 4, "head_dim 16 to 128: 1 to 4 dimensions a lane");
+  if constexpr (kN == 1) {
+    dst[0] = *src;
+  } else if constexpr (kN == 4) {
     const float4 v = Load4(src);
     dst[0] = v.x;
     dst[1] = v.y;
@@ -86,7 +89,8 @@ __global__ void __launch_bounds__(kThreads)
                     int num_heads, int num_kv_heads, float scale, float* __restrict__ out,
                     __nv_bfloat16* __restrict__ out_bf16) {
   using L = Layout<kDim>;
-  constexpr int kDimsPerLane = kDim / kWarpSize;
+  constexpr int kDimsPerLane = kDim >= kWarpSize ? kDim / kWarpSize : 1;
+  static_assert(kDim % 16 == 0 && kDim <= 128, "head_dim 16, 32, 64 or 128");
   extern __shared__ float smem[];
   float* qs = smem + L::kQ;
   float* ks = smem + L::kK;
@@ -105,6 +109,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tile_tokens = min(tokens_per_tile, seq.num_queries - first_token);
   const int num_keys = seq.query_start + seq.num_queries;
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const bool lane_has_dims = lane * kDimsPerLane < kDim;
 
   // Query rows (zeros past the chunk) and their visible-key limits.
   for (int idx = tid; idx < kRows * (kDim / 4); idx += kThreads) {
@@ -227,7 +232,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kDimsPerLane; ++j) acc[i][j] *= alpha;
     }
     const int keys_here = min(kKeys, tile_keys - key0);
-    for (int j = 0; j < keys_here; ++j) {
+    for (int j = 0; j < keys_here && lane_has_dims; ++j) {
       float v[kDimsPerLane];
       LoadLane<kDimsPerLane>(vs + j * kDim + lane * kDimsPerLane, v);
 #pragma unroll
@@ -246,7 +251,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < 8; ++i) {
     const int r = warp * 8 + i;
     const int t = r / group;
-    if (t >= tile_tokens) continue;
+    if (t >= tile_tokens || !lane_has_dims) continue;
     const int64_t row = seq.first_row + first_token + t;
     const int64_t base = (row * num_heads + kv * group + r % group) * kDim + lane * kDimsPerLane;
     const float inv_l = 1.0f / row_l[r];
@@ -322,13 +327,17 @@ absl::Status Attention(const AttentionArgs& a, cudaStream_t stream) {
   }
   if (a.num_sequences == 0 || a.max_queries == 0) return absl::OkStatus();
   switch (a.head_dim) {
+    case 16:
+      return LaunchForDim<16>(a, stream);
+    case 32:
+      return LaunchForDim<32>(a, stream);
     case 64:
       return LaunchForDim<64>(a, stream);
     case 128:
       return LaunchForDim<128>(a, stream);
     default:
       return absl::InvalidArgumentError(
-          absl::StrCat("attention: head_dim ", a.head_dim, " is not 64 or 128"));
+          absl::StrCat("attention: head_dim ", a.head_dim, " is not 16, 32, 64 or 128"));
   }
 }
 

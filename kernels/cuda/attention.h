@@ -11,7 +11,7 @@
 // results agree with the CPU to float32 rounding. Tensor-core (mma/wgmma) variants and split-K
 // over long caches (few sequences, long contexts) are not written yet: see docs/CUDA.md.
 //
-// Limits: head_dim 64 or 128; num_heads / num_kv_heads divides 64; at most 65535 sequences.
+// Limits: head_dim 16, 32, 64 or 128; num_heads / num_kv_heads divides 64; at most 65535 sequences.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -29,7 +29,7 @@ for step in $steps; do
       $B/model_bench >"$OUT/model_bench.log" 2>&1
       echo "model_bench rc=$?"; grep -v "^I[0-9]" "$OUT/model_bench.log" | tail -n 45
       $B/cuda_bench --quick >"$OUT/cuda_bench.log" 2>&1
-      echo "cuda_bench rc=$?"; grep -iE "choice|plan|ceilings" "$OUT/cuda_bench.log" | head -30
+      echo "cuda_bench rc=$?"; grep -vE "^I[0-9]" "$OUT/cuda_bench.log" | head -60
       ;;
     serve)
       $B/moeserve serve --device cuda --demo_config model/configs/LLaDA2.0-mini-preview.json \
@@ -45,10 +45,9 @@ for step in $steps; do
         for ec in 0 1; do
           $B/moeserve-cli bench --target localhost:50551 --concurrency $c --duration_seconds 10 \
             --prompt "Explain mixture-of-experts routing in two sentences." --max_new_tokens 64 \
-            --expert_choice_fraction $ec --report "$OUT/bench_c${c}_ec${ec}.json" \
-            >"$OUT/bench_c${c}_ec${ec}.log" 2>&1
+            --expert_choice_fraction $ec >"$OUT/bench.log" 2>&1
           echo "--- bench concurrency $c expert_choice_fraction $ec rc=$?"
-          tail -n 8 "$OUT/bench_c${c}_ec${ec}.log"
+          tail -n 4 "$OUT/bench.log" | tr '\r' '\n' | grep -v "^\[bench\]" | tee -a "$OUT/benches.log"
         done
       done
       kill -TERM $pid; wait $pid; echo "serve exit $?"

@@ -1366,7 +1366,8 @@ INSTANTIATE_TEST_SUITE_P(
       };
       std::vector<AttentionCase> cases;
       for (const auto& [name, chunks] : batches) {
-        for (Heads h : {Heads{16, 4, 128}, Heads{8, 8, 64}, Heads{4, 1, 64}, Heads{32, 1, 128}}) {
+        for (Heads h : {Heads{16, 4, 128}, Heads{8, 8, 64}, Heads{4, 1, 64}, Heads{32, 1, 128},
+                        Heads{4, 2, 16}, Heads{8, 2, 32}}) {
           for (DType d : {DType::kF32, DType::kBF16}) {
             cases.push_back({name, h.heads, h.kv_heads, h.head_dim, d, chunks});
           }

@@ -25,7 +25,10 @@ const std::string kTinyDir = testing::TestDataDir() + "/llada2-tiny";
 // summation order land near 1e-6; BF16 GEMM inputs (one rounding of every activation, 2^-9
 // relative) compound over the layers to about 1e-2.
 constexpr double kF32ForwardNormRtol = 1e-4;
-constexpr double kBf16ForwardNormRtol = 3e-2;
+// Against the golden (max|a - b| / max|ref| per tensor, as VerifyGoldenForward measures): BF16
+// GEMM inputs round every activation to 2^-9 relative; over the tiny model's 3 layers that
+// compounds to a few 1e-3, and the top-k expert sets must still be identical.
+constexpr double kBf16GoldenTolerance = 3e-2;
 
 double NormRelError(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
@@ -160,7 +163,22 @@ void ExpectSameRoutingStats(const ForwardOutput& gpu, const ForwardOutput& cpu) 
   }
 }
 
-TEST(GpuForwardTest, MixedModesMatchTheCpuInFloat32AndBf16) {
+TEST(GpuGoldenTest, Bf16ForwardIsWithinBf16ToleranceOfTheReference) {
+  SKIP_WITHOUT_GPU();
+  std::unique_ptr<Model> model = LoadTiny(Device::kCuda, DType::kBF16);
+  ASSERT_NE(model, nullptr);
+  auto report = VerifyGoldenForward(*model, kTinyDir, kBf16GoldenTolerance);
+  ASSERT_TRUE(report.ok()) << report.status();
+  for (const GoldenCaseReport& c : report->cases) {
+    for (const GoldenCheck& check : c.checks) {
+      std::printf("  gpu bf16 %-28s worst %.3e %s\n", check.name.c_str(), check.max_rel_err,
+                  check.ok ? "" : check.detail.c_str());
+      EXPECT_TRUE(check.ok) << check.name << ": " << check.max_rel_err << " " << check.detail;
+    }
+  }
+}
+
+TEST(GpuForwardTest, MixedModesMatchTheCpu) {
   SKIP_WITHOUT_GPU();
   std::unique_ptr<Model> cpu = LoadTiny(Device::kCpu, DType::kF32);
   ASSERT_NE(cpu, nullptr);
@@ -173,23 +191,29 @@ TEST(GpuForwardTest, MixedModesMatchTheCpuInFloat32AndBf16) {
     auto got = RunChunks(*gpu, chunks, 8);
     ASSERT_TRUE(got.ok()) << got.status();
     const double err = NormRelError(got->logits, want->logits);
-    std::printf("  gpu %s vs cpu: logits norm-rel error %.3e\n", DTypeName(dtype), err);
-    EXPECT_LT(err, dtype == DType::kF32 ? kF32ForwardNormRtol : kBf16ForwardNormRtol);
-    ASSERT_EQ(got->greedy.size(), want->greedy.size());
     int same = 0;
-    for (size_t r = 0; r < got->greedy.size(); ++r) {
+    ASSERT_EQ(got->greedy.size(), want->greedy.size());
+    for (size_t r = 0; r < got->greedy.size(); ++r)
       same += got->greedy[r].token == want->greedy[r].token;
-      if (dtype == DType::kF32) {
+    std::printf(
+        "  gpu %s vs cpu, mixed modes: logits norm-rel error %.3e, %d of %zu greedy tokens "
+        "equal\n",
+        DTypeName(dtype), err, same, got->greedy.size());
+    if (dtype == DType::kF32) {
+      // Float32 throughout: the same function as the CPU, and the same routing decisions (taken
+      // on float32 router logits).
+      EXPECT_LT(err, kF32ForwardNormRtol);
+      for (size_t r = 0; r < got->greedy.size(); ++r) {
         EXPECT_EQ(got->greedy[r].token, want->greedy[r].token) << "row " << r;
         EXPECT_NEAR(got->greedy[r].p, want->greedy[r].p, 1e-4) << "row " << r;
       }
+      ExpectSameRoutingStats(*got, *want);
     }
-    std::printf("  gpu %s vs cpu: %d of %zu greedy tokens equal\n", DTypeName(dtype), same,
-                got->greedy.size());
-    // Routing decisions are taken on float32 router logits: in float32 they are the CPU's.
-    if (dtype == DType::kF32) ExpectSameRoutingStats(*got, *want);
-    // Expert-choice invariants hold on the device whatever the dtype: each expert takes exactly
-    // its capacity per scope, so max/mean is 1.
+    // With BF16 activations, expert-choice decisions over small scopes (8 tokens here) flip
+    // where two tokens' scores are within BF16 noise, and a flipped token's output changes
+    // wholesale: no tolerance bounds that, so the BF16 path is bounded on the token-choice golden
+    // cases above. Expert-choice invariants hold on the device whatever the dtype: each expert
+    // takes exactly its capacity per scope, so max/mean is 1.
     for (const LayerLoad& load : got->layer_load) {
       const RoutingLoad& ec = load.by_mode[static_cast<int>(RoutingMode::kExpertChoice)];
       if (ec.num_tokens == 0) continue;

@@ -2,12 +2,16 @@
 // Prometheus text exposition.
 #include "server/metrics.h"
 
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <sstream>
 #include <string>
 
 #include "gtest/gtest.h"
 #include "model/config.h"
+#include "tests/test_util.h"
 
 namespace moeserve {
 namespace {
@@ -174,6 +178,47 @@ TEST(ServerMetricsTest, SeriesCountsPerLevel) {
   ServerMetrics metrics(config, Options(ExpertMetricsLevel::kOff));
   metrics.ObserveStep(Step(config, RoutingMode::kExpertChoice, {1}, 4), absl::Milliseconds(1));
   EXPECT_EQ(Value(metrics.Serialize(), "moeserve_forwards_total"), 1);
+}
+
+// The scrape at the full LLaDA2.0-mini shape (19 MoE layers x 256 experts x 2 modes) at the
+// default detail: its series, bytes and serialization time, and the engine thread's cost of one
+// forward's update. Prints the numbers (docs/METRICS.md quotes them); asserts only the counts.
+TEST(ServerMetricsTest, FullMiniShapeScrapeCost) {
+  auto config = LoadModelConfig(testing::SourceDir() + "/model/configs/LLaDA2.0-mini-preview.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  ServerMetrics metrics(*config, Options(ExpertMetricsLevel::kPerExpert, 100));
+  std::vector<int> all(config->num_experts);
+  for (int e = 0; e < config->num_experts; ++e) all[e] = e;
+  const StepResult tc = Step(*config, RoutingMode::kTokenChoice, all, 1000);
+  const StepResult ec = Step(*config, RoutingMode::kExpertChoice, all, 1000);
+  using Clock = std::chrono::steady_clock;
+  std::vector<double> observe_us;
+  for (int i = 0; i < 200; ++i) {
+    const auto start = Clock::now();
+    metrics.ObserveStep(i % 2 ? tc : ec, absl::Milliseconds(10));
+    observe_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - start).count());
+  }
+  std::string text;
+  std::vector<double> scrape_ms;
+  for (int i = 0; i < 20; ++i) {
+    const auto start = Clock::now();
+    text = metrics.Serialize();
+    scrape_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+  }
+  std::sort(observe_us.begin(), observe_us.end());
+  std::sort(scrape_ms.begin(), scrape_ms.end());
+  int samples = 0;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) samples += !line.empty() && line[0] != '#';
+  const int series = CountSeries(text, "moeserve_expert_tokens_total");
+  std::printf(
+      "full LLaDA2.0-mini shape, per_expert: %d samples (%d of moeserve_expert_tokens_total), "
+      "%zu bytes per scrape, serialization median %.2f ms; ObserveStep median %.1f us per "
+      "forward\n",
+      samples, series, text.size(), scrape_ms[scrape_ms.size() / 2],
+      observe_us[observe_us.size() / 2]);
+  EXPECT_EQ(series, 19 * 256 * 2);
+  EXPECT_EQ(CountSeries(text, "moeserve_expert_load_cv"), 19 * 2);
 }
 
 TEST(ServerMetricsTest, RequestOutcomesAndScrapeGauges) {
