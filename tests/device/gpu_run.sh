@@ -23,7 +23,10 @@ for step in $steps; do
       ;;
     verify)
       $B/moeserve verify --device cuda --gpu_dtype f32 --model_dir tests/data/llada2-tiny \
-        --golden_dir tests/data/llada2-tiny 2>&1 | tail -n 12
+        --golden_dir tests/data/llada2-tiny 2>&1 | grep -vE "^I[0-9]" | tail -n 30
+      $B/moeserve verify --device cuda --gpu_dtype bf16 --tolerance 3e-2 \
+        --model_dir tests/data/llada2-tiny --golden_dir tests/data/llada2-tiny 2>&1 |
+        grep -vE "^I[0-9]" | tail -n 30
       ;;
     bench)
       $B/model_bench >"$OUT/model_bench.log" 2>&1
@@ -50,6 +53,17 @@ for step in $steps; do
           tail -n 4 "$OUT/bench.log" | tr '\r' '\n' | grep -v "^\[bench\]" | tee -a "$OUT/benches.log"
         done
       done
+      # The scrape at the full LLaDA2.0-mini shape, after the benches moved every counter.
+      python3 - "$OUT/metrics.txt" <<'PY'
+import sys, time, urllib.request
+for i in range(3):
+    t = time.time()
+    body = urllib.request.urlopen("http://127.0.0.1:50552/metrics").read()
+    print(f"scrape {i + 1}: {len(body)} bytes in {time.time() - t:.4f} s")
+open(sys.argv[1], "wb").write(body)
+PY
+      echo "samples: $(grep -vc '^#' "$OUT/metrics.txt"), moeserve_expert_tokens_total: $(grep -c '^moeserve_expert_tokens_total{' "$OUT/metrics.txt")"
+      grep -E '^moeserve_build_info|^moeserve_expert_load_max_over_mean\{layer="(1|19)"' "$OUT/metrics.txt"
       kill -TERM $pid; wait $pid; echo "serve exit $?"
       tail -n 5 "$OUT/serve.log"
       ;;
