@@ -478,6 +478,43 @@ TEST(SchedulerTest, AdmitsByPriorityThenArrival) {
   EXPECT_EQ(order, (std::vector<std::string>{"first", "high", "normal", "normal2", "low"}));
 }
 
+// A step that fails (here: an engine whose mask id is outside the vocabulary, which every forward
+// rejects) ends the running request with INTERNAL, calls on_engine_failure once (the server turns
+// health NOT_SERVING there), and every later request is refused with UNAVAILABLE.
+TEST(SchedulerTest, AnEngineFailureEndsRequestsAndIsReported) {
+  const ModelConfig config = DemoModelConfig();
+  auto model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
+  auto tokenizer = Tokenizer::ByteLevelDemo();
+  auto engine = MakeEngineOptions(*tokenizer, 4096);
+  ASSERT_TRUE(engine.ok());
+  engine->mask_id = static_cast<int32_t>(config.vocab_size);
+  std::atomic<int> failures{0};
+  SchedulerOptions options;
+  options.on_engine_failure = [&failures](const absl::Status& status) {
+    EXPECT_FALSE(status.ok());
+    ++failures;
+  };
+  Scheduler scheduler(model.get(), *engine, options);
+  GenerationRequest r;
+  r.request_id = "doomed";
+  r.prompt = {1, 2, 3};
+  r.decode.max_new_tokens = 8;
+  r.decode.block_length = 8;
+  auto h = scheduler.Submit(r);
+  ASSERT_TRUE(h.ok()) << h.status();
+  while (true) {
+    auto e = (*h)->Next(absl::Seconds(30));
+    ASSERT_TRUE(e.has_value());
+    if (!e->final) continue;
+    EXPECT_EQ(e->status.code(), absl::StatusCode::kInternal) << e->status;
+    break;
+  }
+  EXPECT_EQ(failures.load(), 1);
+  EXPECT_TRUE(scheduler.stats().failed);
+  r.request_id = "after";
+  EXPECT_EQ(scheduler.Submit(r).status().code(), absl::StatusCode::kUnavailable);
+}
+
 TEST(ServiceTest, ModelInfoDescribesTheDemo) {
   TestServer server({});
   grpc::ClientContext context;
