@@ -1,5 +1,5 @@
 // Byte-level BPE tokenizer loaded from a Hugging Face tokenizer.json (the Ling / LLaDA2 family),
-// and the LLaDA2 chat template.
+// and the LLaDA2 chat template (declared in model/chat_template.h, included here).
 //
 // What a tokenizer.json may contain (anything else is an error that names the key):
 //   normalizer      null (or an empty Sequence)
@@ -27,6 +27,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "model/chat_template.h"  // RenderChat, ChatMessage: callers get them from here
 
 namespace moeserve {
 
@@ -88,20 +89,5 @@ class Tokenizer {
 
   std::unique_ptr<const tokenizer_internal::TokenizerData> data_;
 };
-
-struct ChatMessage {
-  std::string role;  // "system", "user" or "assistant"
-  std::string content;
-};
-
-// Renders the chat template of LLaDA2 / Ling (tokenizer_config.json's chat_template):
-//   <role>SYSTEM</role>[first message's content + "\n" if it is a system message]
-//   detailed thinking off<|role_end|>
-//   then per message <role>HUMAN|SYSTEM|ASSISTANT</role>{content}<|role_end|> (user / system
-//   after the first message / assistant), then <role>ASSISTANT</role> if add_generation_prompt.
-// Errors: no messages ("messages: must not be empty", Jinja fails on messages[0] too), or a role
-// other than system/user/assistant (naming messages[i].role).
-absl::StatusOr<std::string> RenderChat(std::span<const ChatMessage> messages,
-                                       bool add_generation_prompt);
 
 }  // namespace moeserve

@@ -24,6 +24,9 @@ for step in $steps; do
     verify)
       $B/moeserve verify --device cuda --gpu_dtype f32 --model_dir tests/data/llada2-tiny \
         --golden_dir tests/data/llada2-tiny 2>&1 | grep -vE "^I[0-9]" | tail -n 30
+      # Informational: in BF16 this tiny random model's close router choices flip, and the upstream
+      # reference itself is 1.7e-2 to 0.7 off in BF16 (tests/data/llada2-tiny/README.md).
+      echo "BF16 (informational, expected to differ where router choices are close):"
       $B/moeserve verify --device cuda --gpu_dtype bf16 --tolerance 3e-2 \
         --model_dir tests/data/llada2-tiny --golden_dir tests/data/llada2-tiny 2>&1 |
         grep -vE "^I[0-9]" | tail -n 30

@@ -46,24 +46,16 @@ DeviceBuffer Upload(const std::vector<T>& host) {
   return b;
 }
 
-__global__ void FillKernel(float* p, int64_t n, uint32_t seed, float scale) {
+// Uniform values in [-scale, scale) from a hash of the index, converted to T.
+template <typename T>
+__global__ void FillKernel(T* p, int64_t n, uint32_t seed, float scale) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b1u ^ seed;
     h ^= h >> 15;
     h *= 0x2c1b3c6du;
     h ^= h >> 12;
-    p[i] = (static_cast<float>(h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale;
-  }
-}
-__global__ void FillBf16Kernel(__nv_bfloat16* p, int64_t n, uint32_t seed, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b1u ^ seed;
-    h ^= h >> 15;
-    h *= 0x2c1b3c6du;
-    h ^= h >> 12;
-    p[i] = __float2bfloat16_rn((static_cast<float>(h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale);
+    p[i] = static_cast<T>((static_cast<float>(h >> 8) / 16777216.0f * 2.0f - 1.0f) * scale);
   }
 }
 // Random device data without host traffic (never zeros: they can run faster than real data).
@@ -74,7 +66,7 @@ DeviceBuffer RandomDevice(int64_t n, DType dtype, uint32_t seed, float scale = 1
       FillKernel<<<1024, 256>>>(b.as<float>(), n, seed, scale);
       break;
     case DType::kBF16:
-      FillBf16Kernel<<<1024, 256>>>(b.as<__nv_bfloat16>(), n, seed, scale);
+      FillKernel<<<1024, 256>>>(b.as<__nv_bfloat16>(), n, seed, scale);
       break;
   }
   Check(cudaGetLastError(), "fill");

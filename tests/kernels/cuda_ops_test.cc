@@ -891,44 +891,13 @@ void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
                 const std::vector<float>& bias, int64_t num_tokens,
                 const std::vector<SequenceRouting>& sequences, GpuRouting* out) {
   const int64_t experts = config.num_experts, topk = config.num_experts_per_tok;
-  std::vector<int32_t> tc_rows;
+  const ForwardScopes formed = FormRoutingScopes(config, num_tokens, sequences);
+  const std::vector<int32_t>& tc_rows = formed.token_choice_rows;
   std::vector<EcScope> scopes;
-  std::vector<double> factors;  // per scope
   std::vector<uint8_t> renormalize;
-  std::map<std::pair<double, int>, size_t> batch_scope;
-  auto new_scope = [&](const RoutingOptions& o) {
-    scopes.push_back({});
-    factors.push_back(o.capacity_factor);
-    renormalize.push_back(o.weighting == ExpertChoiceWeighting::kRenormalized);
-  };
-  for (const SequenceRouting& seq : sequences) {
-    const RoutingOptions& o = seq.options;
-    switch (o.mode) {
-      case RoutingMode::kTokenChoice:
-        for (int64_t i = 0; i < seq.num_tokens; ++i) tc_rows.push_back(seq.first_row + i);
-        break;
-      case RoutingMode::kExpertChoice:
-        if (o.scope == RoutingScope::kRequest) {
-          for (int64_t i = 0; i < seq.num_tokens; ++i) {
-            if (i == 0 || (seq.scope_block > 0 && (seq.start_pos + i) % seq.scope_block == 0)) {
-              new_scope(o);
-            }
-            scopes.back().rows.push_back(static_cast<int32_t>(seq.first_row + i));
-          }
-        } else {
-          const auto key = std::make_pair(o.capacity_factor, static_cast<int>(o.weighting));
-          auto [it, inserted] = batch_scope.emplace(key, scopes.size());
-          if (inserted) new_scope(o);
-          for (int64_t i = 0; i < seq.num_tokens; ++i) {
-            scopes[it->second].rows.push_back(static_cast<int32_t>(seq.first_row + i));
-          }
-        }
-        break;
-    }
-  }
-  for (size_t s = 0; s < scopes.size(); ++s) {
-    scopes[s].capacity = ExpertChoiceCapacity(
-        factors[s], static_cast<int64_t>(scopes[s].rows.size()), topk, experts);
+  for (const ExpertChoiceScope& scope : formed.expert_choice) {
+    scopes.push_back({scope.rows, scope.capacity});
+    renormalize.push_back(scope.weighting == ExpertChoiceWeighting::kRenormalized);
   }
 
   DeviceArray<float> d_logits(logits), d_bias(bias);

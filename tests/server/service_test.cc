@@ -11,6 +11,7 @@
 
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "gmock/gmock.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -476,6 +477,41 @@ TEST(SchedulerTest, AdmitsByPriorityThenArrival) {
   std::vector<std::string> order;
   for (auto& [t, id] : done) order.push_back(id);
   EXPECT_EQ(order, (std::vector<std::string>{"first", "high", "normal", "normal2", "low"}));
+}
+
+// A queued request whose deadline passes (or would pass within the next step) before it gets a
+// slot is never started: it ends with DEADLINE_EXCEEDED and took part in no forward.
+TEST(SchedulerTest, ARequestWhoseDeadlineCannotBeMetIsNotStarted) {
+  const ModelConfig config = DemoModelConfig();
+  auto model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
+  auto tokenizer = Tokenizer::ByteLevelDemo();
+  auto engine = MakeEngineOptions(*tokenizer, 4096);
+  ASSERT_TRUE(engine.ok());
+  Scheduler scheduler(model.get(), *engine, {.max_queue_length = 8, .max_concurrent_sequences = 1});
+  GenerationRequest busy;
+  busy.request_id = "busy";
+  busy.prompt = {1, 2, 3};
+  busy.decode.max_new_tokens = 256;
+  busy.decode.block_length = 8;
+  auto first = scheduler.Submit(busy);
+  ASSERT_TRUE(first.ok()) << first.status();
+  while (scheduler.stats().running_sequences == 0) absl::SleepFor(absl::Milliseconds(1));
+  GenerationRequest late = busy;
+  late.request_id = "late";
+  late.decode.max_new_tokens = 8;
+  late.deadline = absl::Now() + absl::Milliseconds(50);
+  auto second = scheduler.Submit(late);
+  ASSERT_TRUE(second.ok()) << second.status();
+  while (true) {
+    auto e = (*second)->Next(absl::Seconds(30));
+    ASSERT_TRUE(e.has_value());
+    if (!e->final) continue;
+    EXPECT_EQ(e->status.code(), absl::StatusCode::kDeadlineExceeded) << e->status;
+    EXPECT_THAT(std::string(e->status.message()), ::testing::HasSubstr("not started"));
+    EXPECT_EQ(e->stats.forwards, 0);
+    break;
+  }
+  EXPECT_EQ(scheduler.stats().running_sequences, 1);  // the busy request goes on
 }
 
 // A step that fails (here: an engine whose mask id is outside the vocabulary, which every forward
