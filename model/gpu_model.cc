@@ -88,10 +88,13 @@ absl::StatusOr<DeviceKv*> EnsureDeviceKv(KvCache* cache, int64_t needed, int64_t
     return absl::InvalidArgumentError("a cache filled by the CPU forward was given to the GPU");
   }
   if (kv != nullptr && kv->capacity >= needed) return kv;
-  // Grow geometrically (whole blocks of 64 positions) so block-by-block decoding reallocates
-  // O(log n) times.
+  // Grow in steps of kKvGrowthPositions: device memory held stays within that of what the
+  // sequence uses (the server's K/V budget counts positions), at the price of one copy of the
+  // committed K/V every kKvGrowthPositions positions.
+  constexpr int64_t kKvGrowthPositions = 256;
   const int64_t old_capacity = kv != nullptr ? kv->capacity : 0;
-  const int64_t capacity = std::max(needed, old_capacity + old_capacity / 2 + 64) / 64 * 64 + 64;
+  const int64_t capacity =
+      (needed + kKvGrowthPositions - 1) / kKvGrowthPositions * kKvGrowthPositions;
   auto grown = std::make_unique<DeviceKv>();
   ASSIGN_OR_RETURN(grown->buffer,
                    cuda::DeviceBuffer::Allocate(2 * num_layers * capacity * kv_size * elem));
