@@ -94,7 +94,7 @@ struct StepResult {
 
 struct EngineOptions {
   int32_t mask_id = 0;
-  std::vector<int32_t> stop_ids;    // eos, role end: generation ends after the block that has one
+  std::vector<int32_t> stop_ids;  // eos, role end: generation ends after the block that has one
   // Only ids below this are ever generated (the tokenizer's vocabulary, when the model's is padded
   // beyond it); 0: every id of the model's vocabulary.
   int32_t num_generatable_ids = 0;

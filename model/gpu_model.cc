@@ -27,6 +27,8 @@ namespace moeserve {
 namespace {
 
 constexpr size_t kAlign = 256;
+static_assert(cuda::kMaxLoadModes == kNumRoutingModes,
+              "the device load counters have one slot per routing mode");
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 // Lays out buffers in one block: a first pass with a null base measures, a second carves.
@@ -112,6 +114,15 @@ absl::StatusOr<DeviceKv*> EnsureDeviceKv(KvCache* cache, int64_t needed, int64_t
   return out;
 }
 
+// Puts one MoE layer's statistics into the forward's output.
+void StoreLayerStats(int64_t layer, LayerRouting routed, ForwardOutput* out) {
+  out->layer_load[layer] = std::move(routed.load);
+  for (size_t s = 0; s < out->sequences.size(); ++s) {
+    out->sequences[s].dropped_tokens[layer] = routed.sequence_dropped[s];
+    out->sequences[s].experts_per_token[layer] = std::move(routed.sequence_experts_per_token[s]);
+  }
+}
+
 }  // namespace
 
 struct GpuModel::Layer {
@@ -190,13 +201,30 @@ absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelConfig& c,
   if (!cuda::CudaDeviceAvailable()) {
     return absl::UnavailableError("device cuda: no CUDA device is available");
   }
+  // What the kernels can run, checked before anything is uploaded.
+  const int64_t group = c.num_attention_heads / c.num_key_value_heads;
+  if (c.head_dim != 16 && c.head_dim != 32 && c.head_dim != 64 && c.head_dim != 128) {
+    return absl::InvalidArgumentError(absl::StrCat("device cuda: head_dim = ", c.head_dim,
+                                                   " is not supported (16, 32, 64 or 128)"));
+  }
+  if (64 % group != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "device cuda: num_attention_heads / num_key_value_heads = ", group, " must divide 64"));
+  }
+  if (c.num_moe_layers() > 0 &&
+      (c.num_experts > 1024 || c.n_group > 32 || c.num_experts_per_tok > 32)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device cuda: num_experts = ", c.num_experts, ", n_group = ", c.n_group,
+                     ", num_experts_per_tok = ", c.num_experts_per_tok,
+                     ": the GPU routers take at most 1024 experts, 32 groups and top-32"));
+  }
   std::unique_ptr<GpuModel> m(new GpuModel());
   m->matrix_dtype_ = matrix_dtype;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&m->stream_, cudaStreamNonBlocking));
   ASSIGN_OR_RETURN(m->gemm_, cuda::Gemm::Create(m->stream_));
 
   const auto start = std::chrono::steady_clock::now();
-  int64_t uploaded = 0, total = 0;
+  int64_t uploaded = 0, total = w.embedding.numel() + w.lm_head.numel();
   for (const LayerWeights& l : w.layers) {
     for (const HostTensor* t :
          {&l.attention.wq, &l.attention.wk, &l.attention.wv, &l.attention.wo, &l.mlp.w13, &l.mlp.w2,
@@ -283,8 +311,7 @@ absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelConfig& c,
     m->layers_.push_back(layer);
     if (l % 5 == 4 || l + 1 == c.num_hidden_layers) {
       MOESERVE_LOG(INFO) << "GPU upload: layer " << l + 1 << "/" << c.num_hidden_layers << ", "
-                         << uploaded * 100 / std::max<int64_t>(total, 1) << "% of the layers' "
-                         << "matrices";
+                         << uploaded * 100 / std::max<int64_t>(total, 1) << "% of the matrices";
     }
   }
   const double seconds =
@@ -298,6 +325,7 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
                                                 std::span<SequenceInput> batch,
                                                 std::span<const BatchSpan> spans,
                                                 ForwardTrace* trace, const GreedyOptions& greedy) {
+  absl::MutexLock lock(&mu_);
   const DType a_dtype = matrix_dtype_;
   const size_t a_elem = DTypeSize(a_dtype);
   const int64_t hidden = c.hidden_size, experts = c.num_experts, topk = c.num_experts_per_tok;
@@ -325,7 +353,15 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
     trace->topk_weight.resize(layers);
     trace->plans.resize(layers);
   }
-  if (num_tokens == 0) {
+  if (num_tokens == 0) {  // nothing to run; zero load statistics, as the CPU reports them
+    const std::vector<SequenceRouting> routing = BatchRouting(batch, spans);
+    const std::vector<int32_t> no_load(kNumRoutingModes * experts, 0);
+    for (int64_t l = 0; l < layers; ++l) {
+      if (!layers_[l].moe) continue;
+      LayerRouting routed;
+      FillRoutingStats(c, routing, {}, no_load, {}, &routed);
+      StoreLayerStats(l, std::move(routed), &output);
+    }
     for (size_t s = 0; s < batch.size(); ++s) batch[s].cache->Commit(spans[s].start_pos);
     return output;
   }
@@ -349,8 +385,10 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
       a.first_row = static_cast<int32_t>(span.first_row);
       a.num_queries = static_cast<int32_t>(span.num_tokens);
       a.query_start = static_cast<int32_t>(span.start_pos);
-      a.block_length =
-          static_cast<int32_t>(batch[s].block_length > 0 ? batch[s].block_length : num_keys);
+      // Block-causal over blocks of block_length; 0 (bidirectional) and lengths past the keys
+      // both mean one block of all keys.
+      const int64_t block = batch[s].block_length > 0 ? batch[s].block_length : num_keys;
+      a.block_length = static_cast<int32_t>(std::max<int64_t>(1, std::min(block, num_keys)));
     }
     max_queries = std::max(max_queries, span.num_tokens);
   }
@@ -584,11 +622,7 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
       LayerRouting routed;
       FillRoutingStats(c, routing, scopes.row_mode, std::span<const int32_t>(slot, 2 * experts),
                        std::span<const int32_t>(slot + 2 * experts, num_tokens), &routed);
-      output.layer_load[l] = std::move(routed.load);
-      for (int64_t s = 0; s < num_seqs; ++s) {
-        output.sequences[s].dropped_tokens[l] = routed.sequence_dropped[s];
-        output.sequences[s].experts_per_token[l] = std::move(routed.sequence_experts_per_token[s]);
-      }
+      StoreLayerStats(l, std::move(routed), &output);
     }
   }
   return output;

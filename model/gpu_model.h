@@ -14,14 +14,15 @@
 // Host synchronization: the grouped GEMMs take per-expert counts on the host, so an MoE layer with
 // token-choice rows waits for its plan's offsets (a 1 KB copy); an expert-choice-only layer does
 // not (every expert takes the same count, known on the host). Everything else is queued on one
-// stream and waited for once at the end.
+// stream; at the end the logits or proposals and the load counters are copied back.
 //
 // Numerics: with BF16 matrices the GEMM inputs (normed activations, attention output, SwiGLU
 // output) are BF16 and the residual stream, attention, norms and routing stay float32; with F32
 // matrices every GEMM is full float32 (no TF32) and the results agree with the CPU to float32
 // rounding. The K/V cache has the matrices' dtype.
 //
-// Thread-compatible: one thread (the engine loop) calls Forward at a time.
+// Thread-safe: Forward calls are serialized by a mutex (they share the stream, the cuBLAS handle
+// and the workspace); the engine loop is the one caller in the server.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -30,7 +31,9 @@
 #include <span>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/gemm.h"
 #include "model/config.h"
@@ -52,7 +55,7 @@ class GpuModel {
   // `batch` and `spans` as checked by ValidateBatch.
   absl::StatusOr<ForwardOutput> Forward(const ModelConfig& config, std::span<SequenceInput> batch,
                                         std::span<const BatchSpan> spans, ForwardTrace* trace,
-                                        const GreedyOptions& greedy);
+                                        const GreedyOptions& greedy) ABSL_LOCKS_EXCLUDED(mu_);
 
   int64_t weight_bytes() const { return weight_bytes_; }
   DType matrix_dtype() const { return matrix_dtype_; }
@@ -68,6 +71,7 @@ class GpuModel {
   absl::Status MoeBlock(const ModelConfig& config, const Layer& layer, int64_t layer_idx,
                         Workspace& ws, int64_t num_tokens, ForwardTrace* trace);
 
+  absl::Mutex mu_;  // one Forward at a time: the members below are its working state
   DType matrix_dtype_ = DType::kBF16;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<cuda::Gemm> gemm_;

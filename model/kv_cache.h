@@ -30,7 +30,8 @@ class KvCache {
   int64_t kv_size() const { return kv_size_; }
   // Makes room for positions [0, num_positions) in every layer.
   void Reserve(int64_t num_positions);
-  // Marks positions [0, new_length) committed; new_length must be within the reserved room.
+  // Marks positions [0, new_length) committed; new_length must be within the room the forward
+  // made (Reserve on the CPU, the device state's capacity on the GPU).
   void Commit(int64_t new_length) { length_ = new_length; }
   // Drops everything (the sequence is done), device state included.
   void Clear();

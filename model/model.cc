@@ -18,6 +18,10 @@
 #if MOESERVE_HAVE_CUDA
 #include "kernels/cuda/cuda_check.h"
 #include "model/gpu_model.h"
+#else
+namespace moeserve {
+class GpuModel {};  // no GPU backend in this build: Model::gpu_ stays null
+}  // namespace moeserve
 #endif
 
 namespace moeserve {
@@ -90,6 +94,14 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(ModelConfig config, ModelWe
     }
   }
   return absl::InternalError("unknown device");
+}
+
+int64_t Model::kv_bytes_per_position() const {
+  int64_t element = 4;
+#if MOESERVE_HAVE_CUDA
+  if (gpu_) element = static_cast<int64_t>(DTypeSize(gpu_->matrix_dtype()));
+#endif
+  return 2 * config_.num_hidden_layers * config_.kv_size() * element;
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,
@@ -183,6 +195,10 @@ absl::StatusOr<ForwardOutput> Model::ForwardCpu(std::span<SequenceInput> batch,
   const int64_t hidden = c.hidden_size;
   int64_t num_tokens = 0, num_logit_rows = 0;
   for (size_t s = 0; s < batch.size(); ++s) {
+    if (batch[s].cache->device_state() != nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("batch[", s, "].cache holds GPU K/V; the CPU forward cannot use it"));
+    }
     num_tokens += spans[s].num_tokens;
     num_logit_rows += static_cast<int64_t>(batch[s].logit_rows.size());
   }

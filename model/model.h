@@ -133,13 +133,16 @@ class Model {
 
   const ModelConfig& config() const { return config_; }
   Device device() const { return gpu_ ? Device::kCuda : Device::kCpu; }
+  // Bytes of K/V cache one position of one sequence takes (every layer, K and V): float32 on the
+  // CPU, the matrices' dtype on the GPU.
+  int64_t kv_bytes_per_position() const;
   // The host weights (CPU models; empty tensors on the GPU, whose weights live on the device).
   const ModelWeights& weights() const { return weights_; }
 
   // Runs the batch. Checks every input first (token ids in range, positions within
   // max_position_embeddings, logit rows in range, one chunk per cache) and fails before computing
-  // anything. Thread-compatible: concurrent calls need distinct caches, and a cache used on one
-  // device stays on it.
+  // anything. Concurrent calls need distinct caches (on the GPU they run one at a time), and a
+  // cache used on one device stays on it.
   absl::StatusOr<ForwardOutput> Forward(std::span<SequenceInput> batch,
                                         ForwardTrace* trace = nullptr,
                                         const GreedyOptions& greedy = {}) const;

@@ -16,9 +16,9 @@ ABSL_FLAG(uint64_t, seed, 0, "Random seed of the demo model, write-checkpoint an
 ABSL_FLAG(std::string, device, "auto",
           "serve, generate, verify: where the model runs: cuda, cpu, or auto (cuda when this "
           "binary has the CUDA backend and a GPU is present, else cpu).");
-ABSL_FLAG(std::string, gpu_dtype, "bf16",
+ABSL_FLAG(std::string, gpu_dtype, "",
           "GPU weight matrices and GEMM inputs: bf16 (fast) or f32 (float32 like the CPU "
-          "reference, for checking against goldens).");
+          "reference). Empty: bf16, except for verify, which checks float32 goldens with f32.");
 ABSL_FLAG(std::string, demo_config, "",
           "serve, generate without --model_dir: config.json whose shape the random-weight demo "
           "model takes (e.g. model/configs/LLaDA2.0-mini-preview.json for full-size benchmarks). "
@@ -104,7 +104,7 @@ absl::StatusOr<ModelOptions> ModelOptionsFromFlags() {
     return absl::InvalidArgumentError(absl::StrCat("--", device.status().message()));
   options.device = *device;
   const std::string dtype = absl::GetFlag(FLAGS_gpu_dtype);
-  if (dtype == "bf16") {
+  if (dtype == "bf16" || dtype.empty()) {
     options.gpu_matrix_dtype = DType::kBF16;
   } else if (dtype == "f32") {
     options.gpu_matrix_dtype = DType::kF32;

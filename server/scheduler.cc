@@ -42,7 +42,7 @@ Scheduler::Scheduler(const Model* model, EngineOptions engine, SchedulerOptions 
       observer_(std::move(observer)) {
   const ModelConfig& c = model->config();
   // Keys and values, float32, every layer (model/kv_cache.h).
-  kv_bytes_per_position_ = 2 * int64_t{c.num_hidden_layers} * c.kv_size() * 4;
+  kv_bytes_per_position_ = model->kv_bytes_per_position();
   {
     absl::MutexLock lock(&mu_);
     stats_.kv_budget_bytes = options_.kv_cache_bytes;

@@ -280,6 +280,8 @@ int RunServe(const sigset_t& signals) {
       service.SetBackend(backend.get());
       if (*exposer != nullptr) (*exposer)->RegisterCollectable(backend->metrics->collectable());
       health->SetServingStatus(true);
+      // An engine failure during the warm-up would otherwise be overwritten by SERVING.
+      if (backend->scheduler->stats().failed) health->SetServingStatus(false);
       MOESERVE_LOG(INFO) << "ready: health SERVING";
     } else {
       load_status = result.status();

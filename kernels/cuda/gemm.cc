@@ -138,6 +138,8 @@ absl::Status Gemm::RunGrouped(const GroupedGemmArgs& a) {
   pointers.insert(pointers.end(), c_ptrs.begin(), c_ptrs.end());
   const size_t pointer_bytes = pointers.size() * sizeof(void*);
   if (pointers_.bytes() < pointer_bytes) {
+    // Earlier grouped calls on the stream may still read the old array.
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     ASSIGN_OR_RETURN(pointers_, DeviceBuffer::Allocate(pointer_bytes));
   }
   // The copy is ordered after the stream's earlier work (a previous grouped call may still read
