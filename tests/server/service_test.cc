@@ -433,14 +433,19 @@ TEST(ServiceTest, ExpertLoadCountsEveryRoutedToken) {
   }
 }
 
+// The demo model, its tokenizer and engine options, for the scheduler tests below.
+struct SchedulerTestBed {
+  ModelConfig config = DemoModelConfig();
+  std::unique_ptr<Model> model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
+  std::unique_ptr<Tokenizer> tokenizer = Tokenizer::ByteLevelDemo();
+  EngineOptions engine = *MakeEngineOptions(*tokenizer, 4096);
+};
+
 // With one slot, waiting requests are admitted by priority, then by arrival.
 TEST(SchedulerTest, AdmitsByPriorityThenArrival) {
-  const ModelConfig config = DemoModelConfig();
-  auto model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
-  auto tokenizer = Tokenizer::ByteLevelDemo();
-  auto engine = MakeEngineOptions(*tokenizer, 4096);
-  ASSERT_TRUE(engine.ok());
-  Scheduler scheduler(model.get(), *engine, {.max_queue_length = 8, .max_concurrent_sequences = 1});
+  SchedulerTestBed bed;
+  Scheduler scheduler(bed.model.get(), bed.engine,
+                      {.max_queue_length = 8, .max_concurrent_sequences = 1});
   auto request = [](const std::string& id, int priority) {
     GenerationRequest r;
     r.request_id = id;
@@ -482,12 +487,9 @@ TEST(SchedulerTest, AdmitsByPriorityThenArrival) {
 // A queued request whose deadline passes (or would pass within the next step) before it gets a
 // slot is never started: it ends with DEADLINE_EXCEEDED and took part in no forward.
 TEST(SchedulerTest, ARequestWhoseDeadlineCannotBeMetIsNotStarted) {
-  const ModelConfig config = DemoModelConfig();
-  auto model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
-  auto tokenizer = Tokenizer::ByteLevelDemo();
-  auto engine = MakeEngineOptions(*tokenizer, 4096);
-  ASSERT_TRUE(engine.ok());
-  Scheduler scheduler(model.get(), *engine, {.max_queue_length = 8, .max_concurrent_sequences = 1});
+  SchedulerTestBed bed;
+  Scheduler scheduler(bed.model.get(), bed.engine,
+                      {.max_queue_length = 8, .max_concurrent_sequences = 1});
   GenerationRequest busy;
   busy.request_id = "busy";
   busy.prompt = {1, 2, 3};
@@ -518,19 +520,15 @@ TEST(SchedulerTest, ARequestWhoseDeadlineCannotBeMetIsNotStarted) {
 // rejects) ends the running request with INTERNAL, calls on_engine_failure once (the server turns
 // health NOT_SERVING there), and every later request is refused with UNAVAILABLE.
 TEST(SchedulerTest, AnEngineFailureEndsRequestsAndIsReported) {
-  const ModelConfig config = DemoModelConfig();
-  auto model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
-  auto tokenizer = Tokenizer::ByteLevelDemo();
-  auto engine = MakeEngineOptions(*tokenizer, 4096);
-  ASSERT_TRUE(engine.ok());
-  engine->mask_id = static_cast<int32_t>(config.vocab_size);
+  SchedulerTestBed bed;
+  bed.engine.mask_id = static_cast<int32_t>(bed.config.vocab_size);
   std::atomic<int> failures{0};
   SchedulerOptions options;
   options.on_engine_failure = [&failures](const absl::Status& status) {
     EXPECT_FALSE(status.ok());
     ++failures;
   };
-  Scheduler scheduler(model.get(), *engine, options);
+  Scheduler scheduler(bed.model.get(), bed.engine, options);
   GenerationRequest r;
   r.request_id = "doomed";
   r.prompt = {1, 2, 3};
