@@ -488,8 +488,8 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
       ws.plan.token_assignments = cv.Take<int32_t>(ws.num_assignments);
       ws.plan_workspace_bytes = cuda::BuildRoutingPlanWorkspaceBytes(num_tokens, experts);
       ws.plan_workspace = cv.TakeBytes(ws.plan_workspace_bytes);
-      ws.experts_workspace_bytes = cuda::MoeExpertsWorkspaceBytes(a_dtype, ws.num_assignments,
-                                                                  hidden, c.moe_intermediate_size);
+      ws.experts_workspace_bytes = cuda::MoeExpertsWorkspaceBytes(
+          a_dtype, ws.num_assignments, experts, hidden, c.moe_intermediate_size);
       ws.experts_workspace = cv.TakeBytes(ws.experts_workspace_bytes);
       ws.expert_out = cv.TakeBytes(ws.num_assignments * hidden * a_elem);
       ws.load = cv.Take<int32_t>(layers * ws.load_stride);
@@ -680,10 +680,13 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
                                            ws.load + l * ws.load_stride + 2 * experts},
                                           stream_));
 
-  // The grouped GEMMs take the per-expert counts on the host: known for expert-choice-only plans
-  // (every expert takes the scopes' total capacity), copied back otherwise.
+  // The cuBLAS path's grouped GEMMs take the per-expert counts on the host: known for
+  // expert-choice-only plans (every expert takes the scopes' total capacity), copied back
+  // otherwise. The fused path reads them on the device.
   ws.expert_offsets.resize(experts + 1);
-  if (ws.num_tc_rows > 0) {
+  if (cuda::MoeExpertsFused(a_dtype, experts, hidden, c.moe_intermediate_size)) {
+    ws.expert_offsets.clear();
+  } else if (ws.num_tc_rows > 0) {
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.expert_offsets.data(), ws.plan.expert_offsets,
                                          (experts + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
                                          stream_));

@@ -265,12 +265,28 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
   };
 
   uint32_t lo = UINT_MAX, hi = 0;
-  for (int i = tid; i < p.size; i += kRadixThreads) {
-    const uint32_t k = OrderedKey(p.column[p.Row(i)]);
+  auto take_key = [&](int i, float logit) {
+    const uint32_t k = OrderedKey(logit);
     if constexpr (kShared) column_keys[i] = k;
     lo = min(lo, k);
     hi = max(hi, k);
+  };
+  int scalar_from = 0;
+  const float* contiguous = p.column + p.begin;
+  if (p.rows == nullptr && reinterpret_cast<uintptr_t>(contiguous) % 16 == 0) {
+    // A contiguous column: 16-byte loads, several in flight per thread.
+    const int vectors = p.size / 4;
+#pragma unroll 8
+    for (int v = tid; v < vectors; v += kRadixThreads) {
+      const float4 x = reinterpret_cast<const float4*>(contiguous)[v];
+      take_key(4 * v, x.x);
+      take_key(4 * v + 1, x.y);
+      take_key(4 * v + 2, x.z);
+      take_key(4 * v + 3, x.w);
+    }
+    scalar_from = 4 * vectors;
   }
+  for (int i = scalar_from + tid; i < p.size; i += kRadixThreads) take_key(i, p.column[p.Row(i)]);
   lo = __reduce_min_sync(kFullMask, lo);
   hi = __reduce_max_sync(kFullMask, hi);
   if (lane == 0) {
@@ -350,14 +366,11 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
     }
   }
 
-  // 2. The run of keys with K's score.
-  if (warp == 0) {
-    const uint32_t up = SameScoreEnd(prefix, true, OrderedKey(INFINITY));
-    const uint32_t down = SameScoreEnd(prefix, false, OrderedKey(-INFINITY));
-    if (lane == 0) {
-      key_hi = up;
-      key_lo = down;
-    }
+  // 2. The run of keys with K's score: its upper end on warp 0, its lower end on warp 1.
+  if (warp < 2) {
+    const uint32_t end = warp == 0 ? SameScoreEnd(prefix, true, OrderedKey(INFINITY))
+                                   : SameScoreEnd(prefix, false, OrderedKey(-INFINITY));
+    if (lane == 0) (warp == 0 ? key_hi : key_lo) = end;
   }
   __syncthreads();
   const uint32_t run_lo = key_lo, run_hi = key_hi;

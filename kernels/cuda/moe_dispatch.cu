@@ -1,6 +1,8 @@
 // Gather: one block per output row, 16-byte copies when the row size allows. Combine: one block
 // per token; its assignment list (ascending expert) comes from the plan's token-major index, and
 // every thread walks it for its own hidden dimensions, so the summation order is fixed.
+#include <algorithm>
+
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/moe_dispatch.h"
@@ -24,7 +26,14 @@ __global__ void GatherRowsKernel(const char* __restrict__ x, int64_t row_bytes,
   }
 }
 
-template <typename T>
+// kVec consecutive dimensions per thread (16- or 32-byte loads when kVec is 8); the order of the
+// operations on each dimension is the same for every kVec.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Vec {
+  T v[kVec];
+};
+
+template <typename T, int kVec>
 __global__ void CombineKernel(const int32_t* __restrict__ token_offsets,
                               const int32_t* __restrict__ token_assignments,
                               const float* __restrict__ weight, const T* __restrict__ expert_out,
@@ -32,13 +41,55 @@ __global__ void CombineKernel(const int32_t* __restrict__ token_offsets,
                               float* out, int64_t hidden) {
   const int64_t t = blockIdx.x;
   const int32_t begin = token_offsets[t], end = token_offsets[t + 1];
-  for (int64_t d = threadIdx.x; d < hidden; d += blockDim.x) {
-    float mix = shared_out != nullptr ? __fadd_rn(0.0f, shared_out[t * hidden + d]) : 0.0f;
+  for (int64_t d = threadIdx.x * kVec; d < hidden; d += blockDim.x * kVec) {
+    float mix[kVec];
+    if (shared_out != nullptr) {
+      const Vec<float, kVec> s = *reinterpret_cast<const Vec<float, kVec>*>(shared_out + t * hidden + d);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) mix[i] = __fadd_rn(0.0f, s.v[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) mix[i] = 0.0f;
+    }
     for (int32_t j = begin; j < end; ++j) {
       const int64_t a = token_assignments[j];
-      mix = __fadd_rn(mix, __fmul_rn(weight[a], ToFloat(expert_out[a * hidden + d])));
+      const float w = weight[a];
+      const Vec<T, kVec> y = *reinterpret_cast<const Vec<T, kVec>*>(expert_out + a * hidden + d);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) mix[i] = __fadd_rn(mix[i], __fmul_rn(w, ToFloat(y.v[i])));
     }
-    out[t * hidden + d] = residual != nullptr ? __fadd_rn(residual[t * hidden + d], mix) : mix;
+    Vec<float, kVec> o;
+    if (residual != nullptr) {
+      const Vec<float, kVec> r = *reinterpret_cast<const Vec<float, kVec>*>(residual + t * hidden + d);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) o.v[i] = __fadd_rn(r.v[i], mix[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) o.v[i] = mix[i];
+    }
+    *reinterpret_cast<Vec<float, kVec>*>(out + t * hidden + d) = o;
+  }
+}
+
+template <typename T>
+void LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
+  const auto* y = static_cast<const T*>(a.expert_out);
+  const bool aligned = [&] {
+    for (const void* p : {a.expert_out, static_cast<const void*>(a.shared_out),
+                          static_cast<const void*>(a.residual), static_cast<const void*>(a.out)}) {
+      if (reinterpret_cast<uintptr_t>(p) % 32 != 0) return false;
+    }
+    return true;
+  }();
+  if (a.hidden_size % 8 == 0 && aligned) {
+    const int threads = static_cast<int>(std::min<int64_t>(kThreads, a.hidden_size / 8));
+    CombineKernel<T, 8><<<a.plan.num_tokens, threads, 0, stream>>>(
+        a.plan.token_offsets, a.plan.token_assignments, a.plan.weight, y, a.shared_out,
+        a.residual, a.out, a.hidden_size);
+  } else {
+    CombineKernel<T, 1><<<a.plan.num_tokens, kThreads, 0, stream>>>(
+        a.plan.token_offsets, a.plan.token_assignments, a.plan.weight, y, a.shared_out,
+        a.residual, a.out, a.hidden_size);
   }
 }
 
@@ -61,15 +112,10 @@ absl::Status Combine(const CombineArgs& a, cudaStream_t stream) {
   if (a.plan.num_tokens == 0) return absl::OkStatus();
   switch (a.expert_out_dtype) {
     case DType::kF32:
-      CombineKernel<<<a.plan.num_tokens, kThreads, 0, stream>>>(
-          a.plan.token_offsets, a.plan.token_assignments, a.plan.weight,
-          static_cast<const float*>(a.expert_out), a.shared_out, a.residual, a.out, a.hidden_size);
+      LaunchCombine<float>(a, stream);
       break;
     case DType::kBF16:
-      CombineKernel<<<a.plan.num_tokens, kThreads, 0, stream>>>(
-          a.plan.token_offsets, a.plan.token_assignments, a.plan.weight,
-          static_cast<const __nv_bfloat16*>(a.expert_out), a.shared_out, a.residual, a.out,
-          a.hidden_size);
+      LaunchCombine<__nv_bfloat16>(a, stream);
       break;
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());

@@ -107,11 +107,15 @@ double TimeUs(const std::function<void(int)>& fn, int samples = 30) {
 }
 
 // Median microseconds per call of `fn(stream)` replayed from a CUDA graph of 10 calls: what the
-// op costs inside a captured forward, without the host's launch overhead.
-double TimeGraphUs(const std::function<void(cudaStream_t)>& fn, int samples = 20) {
+// op costs inside a captured forward, without the host's launch overhead. Captures on
+// `capture_stream` when given (it must not be the legacy default stream), else on its own.
+double TimeGraphUs(const std::function<void(cudaStream_t)>& fn, int samples = 20,
+                   cudaStream_t capture_stream = nullptr) {
   constexpr int kCallsPerGraph = 10;
-  cudaStream_t stream;
-  Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  cudaStream_t stream = capture_stream;
+  if (capture_stream == nullptr) {
+    Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+  }
   for (int i = 0; i < 3; ++i) fn(stream);  // warm-up, one-time attribute calls
   Check(cudaStreamSynchronize(stream), "warm-up");
   cudaGraph_t graph;
@@ -138,7 +142,7 @@ double TimeGraphUs(const std::function<void(cudaStream_t)>& fn, int samples = 20
   cudaEventDestroy(stop);
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
+  if (capture_stream == nullptr) cudaStreamDestroy(stream);
   std::sort(us.begin(), us.end());
   return us[us.size() / 2];
 }

@@ -1064,9 +1064,13 @@ RoutingPlan RandomPlan(int64_t tokens, int64_t experts, int64_t max_experts, uin
   return std::move(builder).Finish();
 }
 
-TEST(MoeDispatchTest, CombineIsBitIdenticalToCpuOrder) {
+// hidden 257: one dimension per thread; 2048: eight per thread (vector loads); 24: fewer threads
+// than the block has.
+class CombineTest : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(CombineTest, BitIdenticalToCpuOrder) {
   SKIP_WITHOUT_GPU();
-  const int64_t tokens = 50, experts = 16, hidden = 257;
+  const int64_t tokens = 50, experts = 16, hidden = GetParam();
   const RoutingPlan plan = RandomPlan(tokens, experts, 5, 111);
   const int64_t n = plan.num_assignments();
   const std::vector<float> y = RandomFloats(n * hidden, 112);
@@ -1113,6 +1117,8 @@ TEST(MoeDispatchTest, CombineIsBitIdenticalToCpuOrder) {
   EXPECT_EQ(d_out.ToHost(), want16);
 }
 
+INSTANTIATE_TEST_SUITE_P(Hidden, CombineTest, ::testing::Values(257, 2048, 24));
+
 // ---------------------------------------------------------------------------------------------
 // Routed experts (grouped GEMMs + SwiGLU) + combine vs cpu::MoeExperts
 
@@ -1120,10 +1126,12 @@ struct MoeCase {
   int64_t tokens, experts, hidden, width, max_experts;
   DType dtype;
   bool uniform;  // every expert the same count (expert-choice): the strided-batched path
+  cuda::MoeExpertsPath path = cuda::MoeExpertsPath::kAuto;  // kAuto: fused where it fits
 };
 void PrintTo(const MoeCase& c, std::ostream* os) {
   *os << "tokens=" << c.tokens << " experts=" << c.experts << " hidden=" << c.hidden
-      << " width=" << c.width << " " << DTypeName(c.dtype) << (c.uniform ? " uniform" : " ragged");
+      << " width=" << c.width << " " << DTypeName(c.dtype) << (c.uniform ? " uniform" : " ragged")
+      << (c.path == cuda::MoeExpertsPath::kCublas ? " cublas" : " auto");
 }
 class MoeExpertsTest : public ::testing::TestWithParam<MoeCase> {};
 
@@ -1165,7 +1173,11 @@ TEST_P(MoeExpertsTest, MatchesCpu) {
   DeviceArray<uint16_t> d_x16(ToBf16Bits(x));
   const int64_t n = plan.num_assignments();
   DeviceArray<uint8_t> d_expert_out(std::max<int64_t>(1, n * c.hidden * DTypeSize(c.dtype)));
-  const size_t ws_bytes = cuda::MoeExpertsWorkspaceBytes(c.dtype, n, c.hidden, c.width);
+  const bool fused = c.path == cuda::MoeExpertsPath::kAuto &&
+                     cuda::MoeExpertsFused(c.dtype, c.experts, c.hidden, c.width);
+  RecordProperty("path", fused ? "fused" : "cublas");
+  const size_t ws_bytes =
+      cuda::MoeExpertsWorkspaceBytes(c.dtype, n, c.experts, c.hidden, c.width, c.path);
   DeviceArray<uint8_t> d_ws(std::max<size_t>(1, ws_bytes));
   absl::StatusOr<std::unique_ptr<cuda::Gemm>> gemm = cuda::Gemm::Create(nullptr);
   ASSERT_TRUE(gemm.ok()) << gemm.status();
@@ -1178,6 +1190,8 @@ TEST_P(MoeExpertsTest, MatchesCpu) {
   args.expert_out = d_expert_out.get();
   args.workspace = d_ws.get();
   args.workspace_bytes = d_ws.size();
+  args.path = c.path;
+  if (fused) args.expert_offsets = {};  // the fused path reads the plan on the device only
   ASSERT_OK(cuda::MoeExperts(**gemm, args));
   ASSERT_OK(cuda::Combine({d_plan->plan(), c.dtype, d_expert_out.get(), /*shared_out=*/nullptr,
                            /*residual=*/d_out.get(), d_out.get(), c.hidden},
@@ -1201,7 +1215,30 @@ INSTANTIATE_TEST_SUITE_P(Grid, MoeExpertsTest,
                                            MoeCase{20, 8, 64, 32, 5, DType::kF32, true},
                                            MoeCase{1, 4, 16, 8, 4, DType::kBF16, false},
                                            MoeCase{64, 256, 2048, 512, 8, DType::kBF16, false},
-                                           MoeCase{64, 256, 2048, 512, 3, DType::kBF16, true}));
+                                           MoeCase{64, 256, 2048, 512, 3, DType::kBF16, true},
+                                           MoeCase{64, 256, 2048, 512, 8, DType::kBF16, false,
+                                                   cuda::MoeExpertsPath::kCublas},
+                                           // Fused-kernel tiles: experts over one 128-row tile,
+                                           // partial tiles, empty experts, an expert count that
+                                           // is no multiple of 32, several column tiles.
+                                           MoeCase{600, 8, 256, 128, 6, DType::kBF16, false},
+                                           MoeCase{700, 8, 512, 256, 300, DType::kBF16, true},
+                                           MoeCase{40, 300, 256, 128, 2, DType::kBF16, false},
+                                           MoeCase{1, 8, 256, 128, 8, DType::kBF16, false},
+                                           MoeCase{520, 4, 768, 384, 4, DType::kBF16, false}));
+
+// On a Hopper GPU the mini shape takes the fused kernels: the grid above then tests them.
+TEST(MoeExpertsTest, FusedPathOnHopper) {
+  SKIP_WITHOUT_GPU();
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+            cudaSuccess);
+  if (major != 9) GTEST_SKIP() << "not an sm_90 GPU";
+  EXPECT_TRUE(cuda::MoeExpertsFused(DType::kBF16, 256, 2048, 512));
+  EXPECT_FALSE(cuda::MoeExpertsFused(DType::kF32, 256, 2048, 512));
+  EXPECT_FALSE(cuda::MoeExpertsFused(DType::kBF16, 8, 64, 32));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Attention over the KV cache, packed batches of chunks

@@ -1,0 +1,452 @@
+// Hopper kernels of moe_gemm.h. Layout of one CTA (384 threads, one per SM, persistent):
+//   warpgroup 0: producer. Thread t copies 16-byte chunk (t % 8) of rows t / 8 + 16 i of both tiles
+//                into stage s of the ring (one cp.async group per stage); once stage s's group
+//                has landed (checked after issuing stage s + 1) it fences the writes over to the
+//                async proxy that wgmma reads through and arrives on full[s] (128 arrivals).
+//   warpgroups 1, 2: consumers, rows 0-63 and 64-127 of the A tile against all 256 rows of the B
+//                tile. They wait on full[s], run 4 wgmma k16 steps, and once the previous stage's
+//                wgmma has retired release it on empty[s - 1] (one arrival per consumer warp).
+// Shared-memory tiles are K-major with the 128-byte swizzle (16-byte chunk c of row r stored at
+// chunk c ^ (r % 8)), 1024-byte aligned, one 64-element K slab per stage; a wgmma descriptor
+// advances 32 bytes per k16 step inside the slab.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/device_util.cuh"
+#include "kernels/cuda/moe_gemm.h"
+
+namespace moeserve::cuda {
+namespace {
+
+constexpr int kBM = 128;  // A rows (assignments) per tile
+constexpr int kBN = 256;  // B rows (weight rows) per tile
+constexpr int kBK = 64;   // K elements per stage: one 128-byte swizzle row
+constexpr int kStages = 4;
+constexpr int kThreads = 384;
+constexpr int kConsumerWarps = 8;
+constexpr int kATileBytes = kBM * kBK * 2;
+constexpr int kBTileBytes = kBN * kBK * 2;
+constexpr int kStageBytes = kATileBytes + kBTileBytes;
+constexpr size_t kSmemBytes = size_t{kStages} * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+constexpr int kMaxExperts = 1024;
+
+struct MoeTile {
+  int32_t row_begin;  // first assignment of the tile
+  int32_t rows;       // 1..kBM
+  int32_t expert;
+  int32_t unused;
+};
+
+// One block of kMaxExperts threads: thread e emits expert e's ceil(count / kBM) tiles at its
+// exclusive prefix; the last thread writes the number of tiles.
+__global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int num_experts,
+                               MoeTile* __restrict__ tiles, int32_t* __restrict__ num_tiles) {
+  __shared__ int32_t warp_total[kMaxExperts / kWarpSize];
+  const int e = threadIdx.x, lane = e % kWarpSize, warp = e / kWarpSize;
+  const int32_t begin = e < num_experts ? expert_offsets[e] : 0;
+  const int32_t count = e < num_experts ? expert_offsets[e + 1] - begin : 0;
+  const int32_t mine = (count + kBM - 1) / kBM;
+  int32_t incl = mine;
+  for (int o = 1; o < kWarpSize; o *= 2) {
+    const int32_t v = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == kWarpSize - 1) warp_total[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int32_t w = warp_total[lane], winc = w;
+    for (int o = 1; o < kWarpSize; o *= 2) {
+      const int32_t v = __shfl_up_sync(kFullMask, winc, o);
+      if (lane >= o) winc += v;
+    }
+    warp_total[lane] = winc - w;  // exclusive prefix of the warps
+  }
+  __syncthreads();
+  const int32_t first = warp_total[warp] + incl - mine;
+  for (int32_t i = 0; i < mine; ++i) {
+    tiles[first + i] = {begin + i * kBM, min(kBM, count - i * kBM), e, 0};
+  }
+  if (e == blockDim.x - 1) *num_tiles = first + mine;
+}
+
+struct KernelParams {
+  const __nv_bfloat16* a;        // up: x [tokens, k]; down: act [assignments, k]
+  const int32_t* token_idx;      // up: the plan's token_idx; down: null (rows are assignments)
+  const __nv_bfloat16* b;        // [experts, b_rows_per_expert, k]
+  int64_t b_rows_per_expert;
+  int32_t up_offset;             // up: expert_width (row of the first up row); down: 0
+  int32_t k;                     // multiple of kBK
+  int32_t n_tiles;               // output column tiles per row tile
+  int32_t out_cols;              // up: expert_width; down: hidden
+  const MoeTile* tiles;
+  const int32_t* num_tiles;
+  __nv_bfloat16* out;            // [assignments, out_cols]
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOESERVE_SM90A 1
+#endif
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#ifdef MOESERVE_SM90A
+__device__ __forceinline__ void MbarInit(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddr(bar)), "r"(count));
+}
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred P;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P, [%0], %1;\n"
+      "@!P bra WAIT;\n}\n" ::"r"(SmemAddr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar)) : "memory");
+}
+// The previous stage's copies have landed (all but the newest cp.async group): make them
+// visible to the tensor cores' async proxy, then mark the stage full.
+__device__ __forceinline__ void PublishStage(uint64_t* bar, int pending_groups) {
+  if (pending_groups == 1) {
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+  } else {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  MbarArrive(bar);
+}
+// 16 bytes global -> shared, through L2 only; src_bytes 0 fills zeros.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t SmemDesc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// D[64 x 256] (+)= A[64 x 16] B[256 x 16]^T, both from shared memory; scale_d 0 overwrites D.
+__device__ __forceinline__ void Wgmma256(float (&d)[128], uint64_t desc_a, uint64_t desc_b,
+                                         int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void FenceOperands(float (&d)[128]) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+
+template <bool kUp>
+__device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, uint64_t* full,
+                                        uint64_t* empty) {
+  const int t = threadIdx.x;  // 0..127
+  const int chunk = t % 8, row0 = t / 8;
+  const uint32_t swz = static_cast<uint32_t>((chunk ^ (row0 % 8)) * 16);
+  const uint32_t smem_base = SmemAddr(smem);
+  const int total = *p.num_tiles * p.n_tiles;
+  const int k_tiles = p.k / kBK;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const MoeTile mt = p.tiles[tile / p.n_tiles];
+    const int nt = tile % p.n_tiles;
+    const __nv_bfloat16* a_row[kBM / 16];
+    uint32_t a_bytes[kBM / 16];
+#pragma unroll
+    for (int i = 0; i < kBM / 16; ++i) {
+      const int r = row0 + 16 * i;
+      const bool valid = r < mt.rows;
+      int64_t src = 0;
+      if (valid) src = kUp ? p.token_idx[mt.row_begin + r] : mt.row_begin + r;
+      a_row[i] = p.a + src * p.k + chunk * 8;
+      a_bytes[i] = valid ? 16 : 0;
+    }
+    // B rows row0 + 16 i: for the up kernel the first half are gate rows nt * 128 + r, the
+    // second half the matching up rows up_offset + nt * 128 + r - 128.
+    const __nv_bfloat16* b_expert = p.b + mt.expert * p.b_rows_per_expert * p.k + chunk * 8;
+    const int n0 = kUp ? nt * (kBN / 2) : nt * kBN;
+    const __nv_bfloat16* b_lo = b_expert + static_cast<int64_t>(n0 + row0) * p.k;
+    const __nv_bfloat16* b_hi =
+        b_expert + static_cast<int64_t>((kUp ? p.up_offset - kBN / 2 : 0) + n0 + row0 + kBN / 2) *
+                       p.k;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int stage = it % kStages;
+      MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
+      const uint32_t sa = smem_base + stage * kStageBytes + row0 * 128 + swz;
+      const uint32_t sb = sa + kATileBytes;
+      const int64_t koff = static_cast<int64_t>(kt) * kBK;
+#pragma unroll
+      for (int i = 0; i < kBM / 16; ++i) CpAsync16(sa + i * 16 * 128, a_row[i] + koff, a_bytes[i]);
+#pragma unroll
+      for (int i = 0; i < kBN / 32; ++i) {
+        CpAsync16(sb + i * 16 * 128, b_lo + i * 16 * static_cast<int64_t>(p.k) + koff, 16);
+        CpAsync16(sb + (i + kBN / 32) * 16 * 128,
+                  b_hi + i * 16 * static_cast<int64_t>(p.k) + koff, 16);
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+      if (it > 0) PublishStage(&full[(it - 1) % kStages], 1);
+    }
+  }
+  if (it > 0) PublishStage(&full[(it - 1) % kStages], 0);
+}
+
+template <bool kUp>
+__device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, uint64_t* full,
+                                        uint64_t* empty) {
+  const int ct = threadIdx.x - 128;  // 0..255
+  const int cw = ct / 128;           // consumer warpgroup: A rows 64 cw ..
+  const int warp = (ct % 128) / kWarpSize, lane = ct % kWarpSize;
+  const uint32_t smem_base = SmemAddr(smem);
+  const int total = *p.num_tiles * p.n_tiles;
+  const int k_tiles = p.k / kBK;
+  float acc[128];
+  int it = 0;
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const MoeTile mt = p.tiles[tile / p.n_tiles];
+    const int nt = tile % p.n_tiles;
+    int prev_stage = 0;
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int stage = it % kStages;
+      MbarWait(&full[stage], (it / kStages) & 1);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      const uint32_t sa = smem_base + stage * kStageBytes + cw * 64 * 128;
+      const uint32_t sb = smem_base + stage * kStageBytes + kATileBytes;
+      const uint64_t da = SmemDesc(sa), db = SmemDesc(sb);
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) Wgmma256(acc, da + 2 * kk, db + 2 * kk, kt | kk);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      if (kt > 0) {
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        FenceOperands(acc);
+        if (lane == 0) MbarArrive(&empty[prev_stage]);
+      }
+      prev_stage = stage;
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    FenceOperands(acc);
+    if (lane == 0) MbarArrive(&empty[prev_stage]);
+
+    // Accumulator fragment: register 4 j + q holds row warp * 16 + lane / 4 + 8 (q / 2), column
+    // 8 j + 2 (lane % 4) + q % 2 of this warpgroup's 64 x 256 block.
+    const int r0 = cw * 64 + warp * 16 + lane / 4;
+    const int c0 = 2 * (lane % 4);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = r0 + 8 * half;
+      if (r >= mt.rows) continue;
+      __nv_bfloat16* out = p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols;
+      if constexpr (kUp) {
+        out += nt * (kBN / 2) + c0;
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          float h[2];
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const float g = acc[4 * j + 2 * half + q], u = acc[64 + 4 * j + 2 * half + q];
+            h[q] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+          }
+          *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(h[0], h[1]);
+        }
+      } else {
+        out += nt * kBN + c0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
+              __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        }
+      }
+    }
+  }
+}
+#endif  // MOESERVE_SM90A
+
+template <bool kUp>
+__global__ void __launch_bounds__(kThreads, 1) MoeGemmKernel(const KernelParams p) {
+#ifdef MOESERVE_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      MbarInit(&full[s], 128);
+      MbarInit(&empty[s], kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 88;");
+    Produce<kUp>(p, smem, full, empty);
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
+    Consume<kUp>(p, smem, full, empty);
+  }
+#else
+  __trap();  // MoeGemmAvailable() keeps the host from launching this
+#endif
+}
+
+__global__ void ProbeKernel(int32_t* has_sm90a) {
+#ifdef MOESERVE_SM90A
+  *has_sm90a = 1;
+#else
+  *has_sm90a = 0;
+#endif
+}
+
+size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+}  // namespace
+
+bool MoeGemmAvailable() {
+  // A probe kernel says whether the device runs code built with the sm_90a features (a plain
+  // sm_90 or PTX build of this file has none).
+  static const bool available = [] {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        major != 9) {
+      cudaGetLastError();
+      return false;
+    }
+    int32_t* flag = nullptr;
+    int32_t host = 0;
+    bool ok = cudaMalloc(&flag, sizeof(int32_t)) == cudaSuccess;
+    if (ok) {
+      ProbeKernel<<<1, 1>>>(flag);
+      ok = cudaMemcpy(&host, flag, sizeof(int32_t), cudaMemcpyDeviceToHost) == cudaSuccess;
+      cudaFree(flag);
+    }
+    cudaGetLastError();
+    return ok && host == 1;
+  }();
+  return available;
+}
+
+bool MoeGemmFits(int64_t num_experts, int64_t hidden, int64_t expert_width) {
+  return num_experts >= 1 && num_experts <= kMaxExperts && hidden > 0 && hidden % kBN == 0 &&
+         expert_width > 0 && expert_width % (kBN / 2) == 0;
+}
+
+size_t MoeGemmWorkspaceBytes(int64_t num_assignments, int64_t num_experts,
+                             int64_t expert_width) {
+  const int64_t max_tiles = num_assignments / kBM + num_experts + 1;
+  return AlignUp(max_tiles * sizeof(MoeTile) + sizeof(int32_t)) +
+         AlignUp(num_assignments * expert_width * sizeof(__nv_bfloat16));
+}
+
+absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
+  const int64_t experts = a.plan.num_experts, n = a.plan.num_assignments;
+  if (!MoeGemmFits(experts, a.hidden, a.expert_width)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "moe_gemm: ", experts, " experts, hidden ", a.hidden, ", expert width ", a.expert_width,
+        " do not fit the tiles (hidden % 256, width % 128, <= 1024 experts)"));
+  }
+  if (a.workspace_bytes < MoeGemmWorkspaceBytes(n, experts, a.expert_width)) {
+    return absl::InvalidArgumentError("moe_gemm: workspace too small");
+  }
+  if (n == 0) return absl::OkStatus();
+  if (!MoeGemmAvailable()) {
+    return absl::FailedPreconditionError("moe_gemm: needs an sm_90 GPU and sm_90a code");
+  }
+  const int64_t max_tiles = n / kBM + experts + 1;
+  char* base = static_cast<char*>(a.workspace);
+  auto* tiles = reinterpret_cast<MoeTile*>(base);
+  auto* num_tiles = reinterpret_cast<int32_t*>(tiles + max_tiles);
+  auto* act = reinterpret_cast<__nv_bfloat16*>(
+      base + AlignUp(max_tiles * sizeof(MoeTile) + sizeof(int32_t)));
+
+  static int sms = [] {
+    int device = 0, count = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    return std::max(count, 1);
+  }();
+  static const bool configured = [] {
+    return cudaFuncSetAttribute(MoeGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                kSmemBytes) == cudaSuccess &&
+           cudaFuncSetAttribute(MoeGemmKernel<false>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                kSmemBytes) == cudaSuccess;
+  }();
+  if (!configured) return absl::InternalError("moe_gemm: cannot set the shared-memory size");
+
+  TileListKernel<<<1, kMaxExperts, 0, stream>>>(a.plan.expert_offsets, static_cast<int>(experts),
+                                                tiles, num_tiles);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+
+  KernelParams up;
+  up.a = static_cast<const __nv_bfloat16*>(a.x);
+  up.token_idx = a.plan.token_idx;
+  up.b = static_cast<const __nv_bfloat16*>(a.w13);
+  up.b_rows_per_expert = 2 * a.expert_width;
+  up.up_offset = static_cast<int32_t>(a.expert_width);
+  up.k = static_cast<int32_t>(a.hidden);
+  up.n_tiles = static_cast<int32_t>(a.expert_width / (kBN / 2));
+  up.out_cols = static_cast<int32_t>(a.expert_width);
+  up.tiles = tiles;
+  up.num_tiles = num_tiles;
+  up.out = act;
+  const int64_t up_work = max_tiles * up.n_tiles;
+  MoeGemmKernel<true><<<static_cast<int>(std::min<int64_t>(sms, up_work)), kThreads, kSmemBytes,
+                        stream>>>(up);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+
+  KernelParams down;
+  down.a = act;
+  down.token_idx = nullptr;
+  down.b = static_cast<const __nv_bfloat16*>(a.w2);
+  down.b_rows_per_expert = a.hidden;
+  down.up_offset = 0;
+  down.k = static_cast<int32_t>(a.expert_width);
+  down.n_tiles = static_cast<int32_t>(a.hidden / kBN);
+  down.out_cols = static_cast<int32_t>(a.hidden);
+  down.tiles = tiles;
+  down.num_tiles = num_tiles;
+  down.out = static_cast<__nv_bfloat16*>(a.expert_out);
+  const int64_t down_work = max_tiles * down.n_tiles;
+  MoeGemmKernel<false><<<static_cast<int>(std::min<int64_t>(sms, down_work)), kThreads,
+                         kSmemBytes, stream>>>(down);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace moeserve::cuda
