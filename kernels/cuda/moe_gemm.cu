@@ -23,14 +23,31 @@ namespace {
 
 constexpr int kBM = 128;  // A rows (assignments) per tile
 constexpr int kBN = 256;  // B rows (weight rows) per tile
-constexpr int kBK = 64;   // K elements per stage: one 128-byte swizzle row
-constexpr int kStages = 4;
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
-constexpr int kATileBytes = kBM * kBK * 2;
-constexpr int kBTileBytes = kBN * kBK * 2;
-constexpr int kStageBytes = kATileBytes + kBTileBytes;
-constexpr size_t kSmemBytes = size_t{kStages} * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+
+// A pipeline shape: kBK K elements per stage (one swizzle row of 2 kBK bytes, the 64- or 128-byte
+// swizzle), kStages stages. MoeGemm runs 64 x 4 (128-byte rows); 32 x 8 and 32 x 9 (64-byte rows,
+// more stages in flight) measured 10-40% slower on the H200 (docs/CUDA.md). The producer marks a stage full kLag stages after issuing it, so
+// kLag + 1 stages of copies are in flight; kLag <= kStages - 2 keeps the ring from deadlocking
+// (the consumers hold at most two stages).
+template <int kBK_, int kStages_>
+struct Pipeline {
+  static constexpr int kBK = kBK_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kLag = kStages - 3;
+  static constexpr int kRowBytes = kBK * 2;
+  static constexpr int kChunks = kRowBytes / 16;      // 16-byte chunks per row
+  static constexpr int kRowStep = 128 / kChunks;      // rows between one producer thread's rows
+  static constexpr int kATileBytes = kBM * kRowBytes;
+  static constexpr int kBTileBytes = kBN * kRowBytes;
+  static constexpr int kStageBytes = kATileBytes + kBTileBytes;
+  static constexpr size_t kSmemBytes =
+      size_t{kStages} * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+  static_assert(kRowBytes == 64 || kRowBytes == 128, "64- or 128-byte swizzle rows");
+  static_assert(kLag >= 1 && kLag <= kStages - 2, "ring depth");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+};
 constexpr int kMaxExperts = 1024;
 
 struct MoeTile {
@@ -109,16 +126,12 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ void MbarArrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar)) : "memory");
 }
-// The previous stage's copies have landed (all but the newest cp.async group): make them
-// visible to the tensor cores' async proxy, then mark the stage full.
-__device__ __forceinline__ void PublishStage(uint64_t* bar, int pending_groups) {
-  if (pending_groups == 1) {
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-  } else {
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-  }
+// Every cp.async group but the newest kPending has landed: make their writes visible to the
+// async proxy that wgmma reads through (each writing thread fences its own writes).
+template <int kPending>
+__device__ __forceinline__ void LandedAndFenced() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  MbarArrive(bar);
 }
 // 16 bytes global -> shared, through L2 only; src_bytes 0 fills zeros.
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {
@@ -127,10 +140,13 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_
                : "memory");
 }
 
-// wgmma shared-memory descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+// wgmma shared-memory descriptor: K-major, rows of R = 64 or 128 bytes with the R-byte swizzle,
+// 8-row groups 8 R bytes apart.
+template <int kRowBytes>
 __device__ __forceinline__ uint64_t SmemDesc(uint32_t addr) {
+  constexpr uint64_t kMode = kRowBytes == 128 ? 1 : 2;
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+         (uint64_t{8 * kRowBytes >> 4} << 32) | (kMode << 62);
 }
 
 // D[64 x 256] (+)= A[64 x 16] B[256 x 16]^T, both from shared memory; scale_d 0 overwrites D.
@@ -173,31 +189,34 @@ __device__ __forceinline__ void FenceOperands(float (&d)[128]) {
 }
 
 
-template <bool kUp>
+template <bool kUp, typename P>
 __device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, uint64_t* full,
                                         uint64_t* empty) {
+  constexpr int kARows = kBM / P::kRowStep, kBRows = kBN / P::kRowStep;  // per thread
   const int t = threadIdx.x;  // 0..127
-  const int chunk = t % 8, row0 = t / 8;
-  const uint32_t swz = static_cast<uint32_t>((chunk ^ (row0 % 8)) * 16);
+  const int chunk = t % P::kChunks, row0 = t / P::kChunks;
+  // Rows row0 + kRowStep i all sit at the same place in the swizzle pattern.
+  const int pattern = (row0 * P::kRowBytes >> 7) & (P::kChunks - 1);
+  const uint32_t swz = static_cast<uint32_t>((chunk ^ pattern) * 16);
   const uint32_t smem_base = SmemAddr(smem);
   const int total = *p.num_tiles * p.n_tiles;
-  const int k_tiles = p.k / kBK;
+  const int k_tiles = p.k / P::kBK;
   int it = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const MoeTile mt = p.tiles[tile / p.n_tiles];
     const int nt = tile % p.n_tiles;
-    const __nv_bfloat16* a_row[kBM / 16];
-    uint32_t a_bytes[kBM / 16];
+    const __nv_bfloat16* a_row[kARows];
+    uint32_t a_bytes[kARows];
 #pragma unroll
-    for (int i = 0; i < kBM / 16; ++i) {
-      const int r = row0 + 16 * i;
+    for (int i = 0; i < kARows; ++i) {
+      const int r = row0 + P::kRowStep * i;
       const bool valid = r < mt.rows;
       int64_t src = 0;
       if (valid) src = kUp ? p.token_idx[mt.row_begin + r] : mt.row_begin + r;
       a_row[i] = p.a + src * p.k + chunk * 8;
       a_bytes[i] = valid ? 16 : 0;
     }
-    // B rows row0 + 16 i: for the up kernel the first half are gate rows nt * 128 + r, the
+    // B rows row0 + kRowStep i: for the up kernel the first half are gate rows nt * 128 + r, the
     // second half the matching up rows up_offset + nt * 128 + r - 128.
     const __nv_bfloat16* b_expert = p.b + mt.expert * p.b_rows_per_expert * p.k + chunk * 8;
     const int n0 = kUp ? nt * (kBN / 2) : nt * kBN;
@@ -205,28 +224,33 @@ __device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, ui
     const __nv_bfloat16* b_hi =
         b_expert + static_cast<int64_t>((kUp ? p.up_offset - kBN / 2 : 0) + n0 + row0 + kBN / 2) *
                        p.k;
+    const int64_t b_step = static_cast<int64_t>(P::kRowStep) * p.k;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const int stage = it % kStages;
-      MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
-      const uint32_t sa = smem_base + stage * kStageBytes + row0 * 128 + swz;
-      const uint32_t sb = sa + kATileBytes;
-      const int64_t koff = static_cast<int64_t>(kt) * kBK;
+      const int stage = it % P::kStages;
+      MbarWait(&empty[stage], ((it / P::kStages) & 1) ^ 1);
+      const uint32_t sa = smem_base + stage * P::kStageBytes + row0 * P::kRowBytes + swz;
+      const uint32_t sb = sa + P::kATileBytes;
+      const int64_t koff = static_cast<int64_t>(kt) * P::kBK;
+      constexpr uint32_t kSmemStep = P::kRowStep * P::kRowBytes;
 #pragma unroll
-      for (int i = 0; i < kBM / 16; ++i) CpAsync16(sa + i * 16 * 128, a_row[i] + koff, a_bytes[i]);
+      for (int i = 0; i < kARows; ++i) CpAsync16(sa + i * kSmemStep, a_row[i] + koff, a_bytes[i]);
 #pragma unroll
-      for (int i = 0; i < kBN / 32; ++i) {
-        CpAsync16(sb + i * 16 * 128, b_lo + i * 16 * static_cast<int64_t>(p.k) + koff, 16);
-        CpAsync16(sb + (i + kBN / 32) * 16 * 128,
-                  b_hi + i * 16 * static_cast<int64_t>(p.k) + koff, 16);
+      for (int i = 0; i < kBRows / 2; ++i) {
+        CpAsync16(sb + i * kSmemStep, b_lo + i * b_step + koff, 16);
+        CpAsync16(sb + (i + kBRows / 2) * kSmemStep, b_hi + i * b_step + koff, 16);
       }
       asm volatile("cp.async.commit_group;" ::: "memory");
-      if (it > 0) PublishStage(&full[(it - 1) % kStages], 1);
+      if (it >= P::kLag) {
+        LandedAndFenced<P::kLag>();
+        MbarArrive(&full[(it - P::kLag) % P::kStages]);
+      }
     }
   }
-  if (it > 0) PublishStage(&full[(it - 1) % kStages], 0);
+  LandedAndFenced<0>();
+  for (int j = max(0, it - P::kLag); j < it; ++j) MbarArrive(&full[j % P::kStages]);
 }
 
-template <bool kUp>
+template <bool kUp, typename P>
 __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, uint64_t* full,
                                         uint64_t* empty) {
   const int ct = threadIdx.x - 128;  // 0..255
@@ -234,7 +258,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
   const int warp = (ct % 128) / kWarpSize, lane = ct % kWarpSize;
   const uint32_t smem_base = SmemAddr(smem);
   const int total = *p.num_tiles * p.n_tiles;
-  const int k_tiles = p.k / kBK;
+  const int k_tiles = p.k / P::kBK;
   float acc[128];
   int it = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -242,14 +266,14 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
     const int nt = tile % p.n_tiles;
     int prev_stage = 0;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const int stage = it % kStages;
-      MbarWait(&full[stage], (it / kStages) & 1);
+      const int stage = it % P::kStages;
+      MbarWait(&full[stage], (it / P::kStages) & 1);
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-      const uint32_t sa = smem_base + stage * kStageBytes + cw * 64 * 128;
-      const uint32_t sb = smem_base + stage * kStageBytes + kATileBytes;
-      const uint64_t da = SmemDesc(sa), db = SmemDesc(sb);
+      const uint32_t sa = smem_base + stage * P::kStageBytes + cw * 64 * P::kRowBytes;
+      const uint32_t sb = smem_base + stage * P::kStageBytes + P::kATileBytes;
+      const uint64_t da = SmemDesc<P::kRowBytes>(sa), db = SmemDesc<P::kRowBytes>(sb);
 #pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) Wgmma256(acc, da + 2 * kk, db + 2 * kk, kt | kk);
+      for (int kk = 0; kk < P::kBK / 16; ++kk) Wgmma256(acc, da + 2 * kk, db + 2 * kk, kt | kk);
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       if (kt > 0) {
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
@@ -296,17 +320,17 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
 }
 #endif  // MOESERVE_SM90A
 
-template <bool kUp>
+template <bool kUp, typename P>
 __global__ void __launch_bounds__(kThreads, 1) MoeGemmKernel(const KernelParams p) {
 #ifdef MOESERVE_SM90A
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
-  uint64_t* empty = full + kStages;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + P::kStages * P::kStageBytes);
+  uint64_t* empty = full + P::kStages;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      MbarInit(&full[s], 128);
+    for (int s = 0; s < P::kStages; ++s) {
+      MbarInit(&full[s], 128);  // every producer thread
       MbarInit(&empty[s], kConsumerWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -314,10 +338,10 @@ __global__ void __launch_bounds__(kThreads, 1) MoeGemmKernel(const KernelParams 
   __syncthreads();
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 88;");
-    Produce<kUp>(p, smem, full, empty);
+    Produce<kUp, P>(p, smem, full, empty);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
-    Consume<kUp>(p, smem, full, empty);
+    Consume<kUp, P>(p, smem, full, empty);
   }
 #else
   __trap();  // MoeGemmAvailable() keeps the host from launching this
@@ -330,6 +354,40 @@ __global__ void ProbeKernel(int32_t* has_sm90a) {
 #else
   *has_sm90a = 0;
 #endif
+}
+
+int MultiprocessorCount() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    return std::max(n, 1);
+  }();
+  return count;
+}
+
+// The up kernel, then the down kernel, persistent grids of at most one CTA per SM.
+template <typename P>
+absl::Status LaunchPair(const KernelParams& up, const KernelParams& down, int64_t max_tiles,
+                        cudaStream_t stream) {
+  static const cudaError_t configured = [] {
+    const cudaError_t e = cudaFuncSetAttribute(
+        MoeGemmKernel<true, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmemBytes);
+    if (e != cudaSuccess) return e;
+    return cudaFuncSetAttribute(MoeGemmKernel<false, P>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmemBytes);
+  }();
+  CUDA_RETURN_IF_ERROR(configured);
+  const int sms = MultiprocessorCount();
+  MoeGemmKernel<true, P>
+      <<<static_cast<int>(std::min<int64_t>(sms, max_tiles * up.n_tiles)), kThreads,
+         P::kSmemBytes, stream>>>(up);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  MoeGemmKernel<false, P>
+      <<<static_cast<int>(std::min<int64_t>(sms, max_tiles * down.n_tiles)), kThreads,
+         P::kSmemBytes, stream>>>(down);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
 }
 
 size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -394,21 +452,6 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   auto* act = reinterpret_cast<__nv_bfloat16*>(
       base + AlignUp(max_tiles * sizeof(MoeTile) + sizeof(int32_t)));
 
-  static int sms = [] {
-    int device = 0, count = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return std::max(count, 1);
-  }();
-  static const bool configured = [] {
-    return cudaFuncSetAttribute(MoeGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                kSmemBytes) == cudaSuccess &&
-           cudaFuncSetAttribute(MoeGemmKernel<false>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                kSmemBytes) == cudaSuccess;
-  }();
-  if (!configured) return absl::InternalError("moe_gemm: cannot set the shared-memory size");
-
   TileListKernel<<<1, kMaxExperts, 0, stream>>>(a.plan.expert_offsets, static_cast<int>(experts),
                                                 tiles, num_tiles);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
@@ -425,11 +468,6 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   up.tiles = tiles;
   up.num_tiles = num_tiles;
   up.out = act;
-  const int64_t up_work = max_tiles * up.n_tiles;
-  MoeGemmKernel<true><<<static_cast<int>(std::min<int64_t>(sms, up_work)), kThreads, kSmemBytes,
-                        stream>>>(up);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-
   KernelParams down;
   down.a = act;
   down.token_idx = nullptr;
@@ -442,11 +480,7 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   down.tiles = tiles;
   down.num_tiles = num_tiles;
   down.out = static_cast<__nv_bfloat16*>(a.expert_out);
-  const int64_t down_work = max_tiles * down.n_tiles;
-  MoeGemmKernel<false><<<static_cast<int>(std::min<int64_t>(sms, down_work)), kThreads,
-                         kSmemBytes, stream>>>(down);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  return absl::OkStatus();
+  return LaunchPair<Pipeline<64, 4>>(up, down, max_tiles, stream);
 }
 
 }  // namespace moeserve::cuda

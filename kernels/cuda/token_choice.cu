@@ -1,5 +1,6 @@
-// One warp per token. Lane l holds the kPerLane consecutive experts [l * kPerLane, ...) (one
-// coalesced sweep over the logits row). Every selection step is a warp-wide (value, index) maximum
+// Two kernels (token_choice.h); the group-per-lane one is described where it is defined.
+// WarpPerTokenKernel: one warp per token. Lane l holds the kPerLane consecutive experts
+// [l * kPerLane, ...) (one coalesced sweep over the logits row). Every selection step is a warp-wide (value, index) maximum
 // by butterfly shuffles, so all lanes agree on each winner. The comparison (a beats b iff
 // a.v > b.v, or equal values and a.i < b.i) is the CPU's partial_sort order, which makes the
 // result independent of the reduction order.
@@ -55,6 +56,7 @@ __device__ __forceinline__ Candidate NoCandidate() { return {-INFINITY, INT_MAX,
 struct Params {
   int num_experts, topk, n_group, topk_group, per_group;
   int lanes_per_group;  // > 0: the fast group path (a group is this many whole lanes)
+  bool vector_loads;    // every lane's experts exist; logits rows and bias 16-byte aligned
   bool norm_topk_prob;
   float routed_scaling_factor;
 };
@@ -74,7 +76,7 @@ __device__ __forceinline__ void MergeTop2(Candidate& b1, Candidate& b2, int offs
 }
 
 template <int kPerLane>
-__global__ void TokenChoiceKernel(Params p, const float* __restrict__ logits,
+__global__ void WarpPerTokenKernel(Params p, const float* __restrict__ logits,
                                   const float* __restrict__ bias, const int32_t* __restrict__ rows,
                                   int64_t num_rows, int32_t* __restrict__ topk_idx,
                                   float* __restrict__ topk_weight) {
@@ -85,16 +87,45 @@ __global__ void TokenChoiceKernel(Params p, const float* __restrict__ logits,
   const float* l = logits + row * p.num_experts;
   const int first = lane * kPerLane;  // this lane's first expert
 
-  float s[kPerLane], c[kPerLane];
+  float logit[kPerLane], b[kPerLane];
+  if constexpr (kPerLane % 4 == 0) {
+    if (p.vector_loads) {  // 16-byte loads of this lane's experts, which all exist
 #pragma unroll
-  for (int j = 0; j < kPerLane; ++j) {
-    const int e = first + j;
-    if (e < p.num_experts) {
-      s[j] = RouterSigmoid(l[e]);
-      c[j] = __fadd_rn(s[j], bias != nullptr ? bias[e] : 0.0f);
-    } else {
-      s[j] = 0.0f;
-      c[j] = -INFINITY;
+      for (int q = 0; q < kPerLane / 4; ++q) {
+        const float4 x = reinterpret_cast<const float4*>(l + first)[q];
+        const float4 y = bias != nullptr ? reinterpret_cast<const float4*>(bias + first)[q]
+                                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        logit[4 * q] = x.x, logit[4 * q + 1] = x.y, logit[4 * q + 2] = x.z, logit[4 * q + 3] = x.w;
+        b[4 * q] = y.x, b[4 * q + 1] = y.y, b[4 * q + 2] = y.z, b[4 * q + 3] = y.w;
+      }
+    }
+  }
+  if (!p.vector_loads) {
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int e = first + j;
+      logit[j] = e < p.num_experts ? l[e] : 0.0f;
+      b[j] = e < p.num_experts && bias != nullptr ? bias[e] : 0.0f;
+    }
+  }
+  float s[kPerLane], c[kPerLane];
+  int group[kPerLane];  // group of expert first + j, counted up from one division
+  {
+    int g = first / p.per_group, next = (g + 1) * p.per_group;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (first + j >= next) {
+        ++g;
+        next += p.per_group;
+      }
+      group[j] = g;
+      if (first + j < p.num_experts) {
+        s[j] = RouterSigmoid(logit[j]);
+        c[j] = __fadd_rn(s[j], b[j]);
+      } else {
+        s[j] = 0.0f;
+        c[j] = -INFINITY;
+      }
     }
   }
 
@@ -118,9 +149,6 @@ __global__ void TokenChoiceKernel(Params p, const float* __restrict__ logits,
       const float score = p.per_group >= 2 ? __fadd_rn(0.0f + b1.v, b2.v) : 0.0f + b1.v;
       if (lane % p.lanes_per_group == 0) offer = {score, lane / p.lanes_per_group, 0.0f};
     } else {
-      int group[kPerLane];
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) group[j] = (first + j) / p.per_group;
       for (int g = 0; g < p.n_group; ++g) {
         Candidate best = NoCandidate();
 #pragma unroll
@@ -154,7 +182,7 @@ __global__ void TokenChoiceKernel(Params p, const float* __restrict__ logits,
 #pragma unroll
     for (int j = 0; j < kPerLane; ++j) {
       const int e = first + j;
-      if (e < p.num_experts && !(kept >> (e / p.per_group) & 1u)) c[j] = 0.0f;
+      if (e < p.num_experts && !(kept >> group[j] & 1u)) c[j] = 0.0f;
     }
   }
 
@@ -194,10 +222,155 @@ __global__ void TokenChoiceKernel(Params p, const float* __restrict__ logits,
   }
 }
 
+
+// The group-per-lane layout (LLaDA2: 256 experts, 8 groups of 32, top-4 groups, top-8): four
+// tokens per warp, eight lanes per token, lane g of a token holding group g's kPerLane experts.
+// Group scores and the local top-k are then lane-local loops; only the group ranking (8 values)
+// and the topk rounds of the final merge cross lanes, three shuffle levels inside the token's
+// eight lanes. Same decisions and the same operation order as WarpPerTokenKernel.
+constexpr int kLanesPerToken = 8;
+constexpr int kTokensPerWarp = kWarpSize / kLanesPerToken;
+constexpr int kLaneTopk = 8;  // the longest local list, so topk <= 8 here
+
+template <int kPerLane>
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+    TokenChoiceGroupLaneKernel(Params p, const float* __restrict__ logits,
+                               const float* __restrict__ bias, const int32_t* __restrict__ rows,
+                               int64_t num_rows, int32_t* __restrict__ topk_idx,
+                               float* __restrict__ topk_weight) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int g = lane % kLanesPerToken;        // this lane's group
+  const int base = lane - g;                  // first lane of this token
+  const int64_t i = (blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarpSize) *
+                        kTokensPerWarp +
+                    lane / kLanesPerToken;
+  const bool active = i < num_rows;  // idle slots compute on row 0 and write nothing
+  const int64_t row = !active ? 0 : rows != nullptr ? rows[i] : i;
+  const int first = g * kPerLane;
+  const float4* l4 = reinterpret_cast<const float4*>(logits + row * p.num_experts + first);
+  const float4* b4 = reinterpret_cast<const float4*>(bias + first);
+
+  float s[kPerLane], c[kPerLane];
+  float b1 = -INFINITY, b2 = -INFINITY;  // the group's two largest choice scores
+#pragma unroll
+  for (int q = 0; q < kPerLane / 4; ++q) {
+    const float4 x = l4[q];
+    const float4 y = bias != nullptr ? b4[q] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int j = 4 * q + k;
+      s[j] = RouterSigmoid(xs[k]);
+      c[j] = __fadd_rn(s[j], ys[k]);
+      if (c[j] > b1) {
+        b2 = b1;
+        b1 = c[j];
+      } else if (c[j] > b2) {
+        b2 = c[j];
+      }
+    }
+  }
+
+  if (p.topk_group < p.n_group) {
+    // Group g is kept when fewer than topk_group groups beat it (higher score, or equal at a lower
+    // index): the CPU's top-topk_group by score.
+    const float score = kPerLane >= 2 ? __fadd_rn(0.0f + b1, b2) : 0.0f + b1;
+    int beaten_by = 0;
+#pragma unroll
+    for (int h = 0; h < kLanesPerToken; ++h) {
+      const float other = __shfl_sync(kFullMask, score, base + h);
+      beaten_by += other > score || (other == score && h < g);
+    }
+    if (beaten_by >= p.topk_group) {
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) c[j] = 0.0f;
+    }
+  }
+
+  // This lane's top kLaneTopk, descending; equal scores keep the lower expert first.
+  float lv[kLaneTopk], ls[kLaneTopk];
+  int li[kLaneTopk];
+#pragma unroll
+  for (int q = 0; q < kLaneTopk; ++q) {
+    lv[q] = -INFINITY;
+    ls[q] = 0.0f;
+    li[q] = INT_MAX;
+  }
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const float v = c[j];
+    if (!(v > lv[kLaneTopk - 1])) continue;
+#pragma unroll
+    for (int q = kLaneTopk - 1; q >= 0; --q) {
+      if (q > 0 && lv[q - 1] < v) {  // shift down past every smaller entry
+        lv[q] = lv[q - 1];
+        ls[q] = ls[q - 1];
+        li[q] = li[q - 1];
+      } else if (lv[q] < v) {  // lv[q - 1] >= v > lv[q]: v goes here
+        lv[q] = v;
+        ls[q] = s[j];
+        li[q] = first + j;
+      }
+    }
+  }
+
+  // topk rounds: the best head among the token's eight lanes wins and is popped.
+  int32_t my_idx = 0;
+  float my_s = 0.0f, sum = 0.0f;
+  for (int r = 0; r < p.topk; ++r) {
+    float bv = lv[0];
+    int bi = li[0];
+#pragma unroll
+    for (int offset = kLanesPerToken / 2; offset > 0; offset /= 2) {
+      const float ov = __shfl_xor_sync(kFullMask, bv, offset);
+      const int oi = __shfl_xor_sync(kFullMask, bi, offset);
+      if (ov > bv || (ov == bv && oi < bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    const int owner = bi / kPerLane;
+    const float winner_s = __shfl_sync(kFullMask, ls[0], base + owner);
+    if (owner == g) {
+#pragma unroll
+      for (int q = 0; q + 1 < kLaneTopk; ++q) {
+        lv[q] = lv[q + 1];
+        ls[q] = ls[q + 1];
+        li[q] = li[q + 1];
+      }
+      lv[kLaneTopk - 1] = -INFINITY;
+      li[kLaneTopk - 1] = INT_MAX;
+    }
+    if (g == r) {
+      my_idx = bi;
+      my_s = winner_s;
+    }
+    sum = __fadd_rn(sum, winner_s);
+  }
+  const float denom = p.norm_topk_prob && p.topk > 1 ? __fadd_rn(sum, 1e-20f) : 1.0f;
+  if (active && g < p.topk) {
+    topk_idx[i * p.topk + g] = my_idx;
+    topk_weight[i * p.topk + g] = __fmul_rn(__fdiv_rn(my_s, denom), p.routed_scaling_factor);
+  }
+}
+
 }  // namespace
+
+bool GroupPerLaneFits(const cpu::TokenChoiceParams& tp, const TokenChoiceArgs& a) {
+  const int64_t lane_experts = tp.num_experts / kLanesPerToken;
+  return tp.num_experts % kLanesPerToken == 0 && (lane_experts == 16 || lane_experts == 32) &&
+         (tp.n_group == kLanesPerToken || tp.topk_group >= tp.n_group) && tp.topk >= 1 &&
+         tp.topk <= kLaneTopk && reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(a.expert_bias) % 16 == 0;  // null is aligned
+}
 
 absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& tp, const TokenChoiceArgs& a,
                               cudaStream_t stream) {
+  return TokenChoiceRoute(tp, a, TokenChoiceKernel::kAuto, stream);
+}
+
+absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& tp, const TokenChoiceArgs& a,
+                              TokenChoiceKernel kernel, cudaStream_t stream) {
   if (tp.num_experts < 1 || tp.num_experts > kMaxExperts) {
     return absl::InvalidArgumentError("token_choice: num_experts must be in [1, 1024]");
   }
@@ -221,28 +394,53 @@ absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& tp, const TokenChoic
   const int lanes = per_group / per_lane;
   const bool fast = per_group % per_lane == 0 && lanes >= 1 && (lanes & (lanes - 1)) == 0 &&
                     tp.num_experts == kWarpSize * per_lane;
+  const bool vector_loads =
+      per_lane % 4 == 0 && tp.num_experts == kWarpSize * per_lane &&
+      reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(a.expert_bias) % 16 == 0;  // null is aligned
   const Params p{static_cast<int>(tp.num_experts),
                  static_cast<int>(tp.topk),
                  static_cast<int>(tp.n_group),
                  static_cast<int>(tp.topk_group),
                  per_group,
                  fast ? lanes : 0,
+                 vector_loads,
                  tp.norm_topk_prob,
                  tp.routed_scaling_factor};
-  const int64_t blocks = CeilDiv(a.num_rows, kWarpsPerBlock);
   const int threads = kWarpsPerBlock * kWarpSize;
+  if (kernel == TokenChoiceKernel::kGroupPerLane && !GroupPerLaneFits(tp, a)) {
+    return absl::InvalidArgumentError("token_choice: the group-per-lane kernel does not fit");
+  }
+  if (kernel == TokenChoiceKernel::kAuto && GroupPerLaneFits(tp, a) &&
+      a.num_rows >= kGroupPerLaneMinRows) {
+    kernel = TokenChoiceKernel::kGroupPerLane;
+  }
+  if (kernel == TokenChoiceKernel::kGroupPerLane) {
+    const int64_t lane_experts = tp.num_experts / kLanesPerToken;
+    const int64_t lane_blocks = CeilDiv(a.num_rows, kWarpsPerBlock * kTokensPerWarp);
+    if (lane_experts == 32) {
+      TokenChoiceGroupLaneKernel<32><<<lane_blocks, threads, 0, stream>>>(
+          p, a.logits, a.expert_bias, a.rows, a.num_rows, a.topk_idx, a.topk_weight);
+    } else {
+      TokenChoiceGroupLaneKernel<16><<<lane_blocks, threads, 0, stream>>>(
+          p, a.logits, a.expert_bias, a.rows, a.num_rows, a.topk_idx, a.topk_weight);
+    }
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return absl::OkStatus();
+  }
+  const int64_t blocks = CeilDiv(a.num_rows, kWarpsPerBlock);
   // Experts per lane: the smallest instantiated size that holds num_experts.
   switch (per_lane) {
     case 2:
-      TokenChoiceKernel<2><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
+      WarpPerTokenKernel<2><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
                                                            a.num_rows, a.topk_idx, a.topk_weight);
       break;
     case 8:
-      TokenChoiceKernel<8><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
+      WarpPerTokenKernel<8><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
                                                            a.num_rows, a.topk_idx, a.topk_weight);
       break;
     default:
-      TokenChoiceKernel<32><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
+      WarpPerTokenKernel<32><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
                                                             a.num_rows, a.topk_idx, a.topk_weight);
       break;
   }

@@ -1,5 +1,11 @@
-// Token-choice routing on the GPU: the LLaDA2 gate of kernels/cpu/token_choice.h, one warp per
-// token, for up to 1024 experts.
+// Token-choice routing on the GPU: the LLaDA2 gate of kernels/cpu/token_choice.h, for up to 1024
+// experts, by one of two kernels with the same results:
+// - warp per token (any shape): lane l holds experts [8 l, 8 l + 8) of 256; every selection step
+//   is a warp-wide maximum.
+// - group per lane (num_experts = 8 x 16 or 8 x 32, 8 groups or none, topk <= 8; LLaDA2): four
+//   tokens a warp, eight lanes a token, each lane one group; group scores and local top-k lists
+//   are lane-local, only the merge crosses lanes. About twice the tokens per second at 16K
+//   tokens, but a quarter of the warps, so it is chosen from kGroupPerLaneMinRows rows on.
 //
 // Per token: s = sigmoid(logits) (RouterSigmoid in device_util.cuh, the CPU's float formula),
 // c = s + expert_bias; group score = sum of the group's top-2 c; the topk_group best groups are
@@ -31,7 +37,15 @@ struct TokenChoiceArgs {
   int32_t* topk_idx = nullptr;   // [num_rows, topk], entry i for rows[i]
   float* topk_weight = nullptr;  // [num_rows, topk]
 };
+enum class TokenChoiceKernel { kAuto, kWarpPerToken, kGroupPerLane };
+inline constexpr int64_t kGroupPerLaneMinRows = 4096;
+
+// Whether the group-per-lane kernel handles these parameters and pointers.
+bool GroupPerLaneFits(const cpu::TokenChoiceParams& params, const TokenChoiceArgs& args);
 absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& params, const TokenChoiceArgs& args,
                               cudaStream_t stream);
+// With the kernel named (tests); kGroupPerLane where it does not fit is INVALID_ARGUMENT.
+absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& params, const TokenChoiceArgs& args,
+                              TokenChoiceKernel kernel, cudaStream_t stream);
 
 }  // namespace moeserve::cuda

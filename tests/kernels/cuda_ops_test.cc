@@ -611,12 +611,14 @@ struct TokenChoiceCase {
   int64_t tokens;
   cpu::TokenChoiceParams params;
   bool bias, ties, row_list;
+  bool negative_bias = false;  // bias in [-1.5, -0.5]: kept experts score below masked ones (0)
 };
 void PrintTo(const TokenChoiceCase& c, std::ostream* os) {
   const cpu::TokenChoiceParams& p = c.params;
   *os << "tokens=" << c.tokens << " experts=" << p.num_experts << " topk=" << p.topk
       << " groups=" << p.n_group << "/" << p.topk_group << (p.norm_topk_prob ? " norm" : "")
-      << (c.bias ? " bias" : "") << (c.ties ? " ties" : "") << (c.row_list ? " rows" : "");
+      << (c.bias ? " bias" : "") << (c.ties ? " ties" : "") << (c.row_list ? " rows" : "")
+      << (c.negative_bias ? " negative" : "");
 }
 class TokenChoiceTest : public ::testing::TestWithParam<TokenChoiceCase> {};
 
@@ -636,7 +638,8 @@ TEST_P(TokenChoiceTest, DecisionsEqualCpu) {
   const cpu::TokenChoiceParams& p = c.params;
   const int64_t total_rows = c.row_list ? 2 * c.tokens + 1 : c.tokens;
   const std::vector<float> logits = RouterLogits(total_rows * p.num_experts, 71, c.ties);
-  std::vector<float> bias = RandomFloats(p.num_experts, 72, -0.3f, 0.1f);
+  std::vector<float> bias = c.negative_bias ? RandomFloats(p.num_experts, 72, -1.5f, -0.5f)
+                                            : RandomFloats(p.num_experts, 72, -0.3f, 0.1f);
   if (c.ties) {
     for (float& b : bias) b = std::round(b * 10.0f) / 10.0f;
   }
@@ -652,13 +655,25 @@ TEST_P(TokenChoiceTest, DecisionsEqualCpu) {
   }
   DeviceArray<float> d_logits(logits), d_bias(bias), d_weight(ref_weight.size());
   DeviceArray<int32_t> d_rows(rows), d_idx(ref_idx.size());
-  ASSERT_OK(cuda::TokenChoiceRoute(
-      p,
-      {d_logits.get(), c.bias ? d_bias.get() : nullptr, c.row_list ? d_rows.get() : nullptr,
-       c.tokens, d_idx.get(), d_weight.get()},
-      nullptr));
-  EXPECT_EQ(d_idx.ToHost(), ref_idx);
-  EXPECT_TRUE(Close(d_weight.ToHost(), ref_weight, kRouterWeightRtol, 0.0, "weights"));
+  const cuda::TokenChoiceArgs args{d_logits.get(),
+                                   c.bias ? d_bias.get() : nullptr,
+                                   c.row_list ? d_rows.get() : nullptr,
+                                   c.tokens,
+                                   d_idx.get(),
+                                   d_weight.get()};
+  // Both kernels, where the group-per-lane one fits (it must for the LLaDA2 shape).
+  std::vector<cuda::TokenChoiceKernel> kernels{cuda::TokenChoiceKernel::kWarpPerToken};
+  if (cuda::GroupPerLaneFits(p, args)) kernels.push_back(cuda::TokenChoiceKernel::kGroupPerLane);
+  if (p.num_experts == 256 && p.topk <= 8 && (p.n_group == 8 || p.n_group == 1)) {
+    EXPECT_EQ(kernels.size(), 2u);
+  }
+  for (const cuda::TokenChoiceKernel kernel : kernels) {
+    SCOPED_TRACE(kernel == cuda::TokenChoiceKernel::kGroupPerLane ? "group per lane"
+                                                                  : "warp per token");
+    ASSERT_OK(cuda::TokenChoiceRoute(p, args, kernel, nullptr));
+    EXPECT_EQ(d_idx.ToHost(), ref_idx);
+    EXPECT_TRUE(Close(d_weight.ToHost(), ref_weight, kRouterWeightRtol, 0.0, "weights"));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -674,6 +689,10 @@ INSTANTIATE_TEST_SUITE_P(
           cases.push_back({tokens, {1024, 8, 32, 4, true, 2.5f}, true, ties, false});
           cases.push_back({tokens, {100, 3, 4, 2, false, 1.5f}, true, ties, true});
           cases.push_back({tokens, {256, 1, 8, 4, true, 2.5f}, true, ties, false});
+          // The group-per-lane kernel: 16 experts a lane, no groups, a row list, negative bias.
+          cases.push_back({tokens, {128, 8, 8, 4, true, 2.5f}, true, ties, false});
+          cases.push_back({tokens, {256, 6, 1, 1, false, 1.0f}, false, ties, tokens > 1});
+          cases.push_back({tokens, mini, true, ties, tokens > 1, true});
         }
       }
       return cases;
