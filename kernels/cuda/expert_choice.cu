@@ -28,6 +28,33 @@ constexpr int kSmallRadixThreads = 256;
 constexpr int kLargeRadixThreads = 512;
 constexpr int64_t kSmallRadixMaxRows = 4096;
 
+constexpr int kMaxLiveKeys = 2048;
+
+// The sum of v over the threads before this one (thread order); *total gets the block's sum.
+// scratch holds kWarps words. Contains two __syncthreads: call from every thread.
+template <int kWarps>
+__device__ __forceinline__ uint32_t BlockExclusiveSum(uint32_t v, uint32_t* scratch,
+                                                      uint32_t* total) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  uint32_t inclusive = v;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const uint32_t other = __shfl_up_sync(kFullMask, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  __syncthreads();  // earlier readers of scratch are done
+  if (lane == kWarpSize - 1) scratch[warp] = inclusive;
+  __syncthreads();
+  uint32_t before = inclusive - v, sum = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    if (w < warp) before += scratch[w];
+    sum += scratch[w];
+  }
+  *total = sum;
+  return before;
+}
+
 __device__ __forceinline__ float KeyToFloat(uint32_t key) {
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
@@ -233,13 +260,16 @@ __device__ uint32_t SameScoreEnd(uint32_t center, bool up, uint32_t limit) {
 
 // kBlockRadixShared / kBlockRadixGlobal: one block per (expert, scope), on the logits' own keys
 // (RouterSigmoid is monotone, so logit order is score order up to ties in the score).
-//   1. Radix select finds K, the key of the capacity-th largest logit (12-bit digits from the
-//      highest bit in which the column's keys differ; the first pass spreads the keys over many
-//      buckets, later passes only count the keys still in the running).
-//   2. One warp finds [key_lo, key_hi], the keys whose logits share K's score (usually a few ulps
+//   1. Radix select finds K, the key of the capacity-th largest logit, by 12-bit digits from the
+//      top: the load sweep counts the first digit; the second pass's sweep also gathers the keys
+//      still in the running into shared memory when they are few (<= 2048), and later passes
+//      read only those.
+//   2. Two warps find [key_lo, key_hi], the keys whose logits share K's score (usually a few ulps
 //      wide; wide where the sigmoid saturates).
 //   3. Selected: every key above key_hi, then the lowest positions of [key_lo, key_hi] up to
-//      capacity, written in ascending position by two sweeps (count per warp, scan, write).
+//      capacity, written in ascending position: for the large shared-memory block, one sweep
+//      into per-word bitmaps and scans over the threads; otherwise two sweeps (count per warp,
+//      scan, write).
 // Only the selected keys' scores are ever evaluated.
 template <int kRadixThreads, bool kShared>
 __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
@@ -249,10 +279,18 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
   constexpr int kRadixWarps = kRadixThreads / kWarpSize;
   constexpr int kBinsPerThread = kBins / kRadixThreads;
   static_assert(kBins % kRadixThreads == 0, "each thread scans a whole run of bins");
+  constexpr int kMaxWords = kShared && kRadixThreads == kLargeRadixThreads
+                                ? static_cast<int>(kSharedRadixMaxRows / kWarpSize)
+                                : 1;
   extern __shared__ uint32_t column_keys[];  // [size] (kShared only)
   __shared__ uint32_t hist[kBins];
   __shared__ uint32_t warp_a[kRadixWarps], warp_b[kRadixWarps];
   __shared__ uint32_t found_bin, found_above, found_count, only_key, key_lo, key_hi;
+  // The keys still in the running after the first digit, when few (later passes read these).
+  __shared__ uint32_t live_keys[kMaxLiveKeys];
+  __shared__ uint32_t live_count;
+  // Step 3 (kShared): per 32 positions, the bits of keys above the tie run and in it.
+  __shared__ uint32_t greater_bits[kMaxWords], equal_bits[kMaxWords];
 
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const Problem p = MakeProblem(logits_t, ld, num_experts, blockIdx.x, scopes, total_capacity);
@@ -264,12 +302,13 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
     }
   };
 
-  uint32_t lo = UINT_MAX, hi = 0;
+  // The load sweep also counts the first digit (the top kDigitBits bits of every key).
+  for (int b = tid; b < kBins; b += kRadixThreads) hist[b] = 0;
+  __syncthreads();
   auto take_key = [&](int i, float logit) {
     const uint32_t k = OrderedKey(logit);
     if constexpr (kShared) column_keys[i] = k;
-    lo = min(lo, k);
-    hi = max(hi, k);
+    atomicAdd(&hist[k >> (32 - kDigitBits)], 1u);
   };
   int scalar_from = 0;
   const float* contiguous = p.column + p.begin;
@@ -287,39 +326,43 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
     scalar_from = 4 * vectors;
   }
   for (int i = scalar_from + tid; i < p.size; i += kRadixThreads) take_key(i, p.column[p.Row(i)]);
-  lo = __reduce_min_sync(kFullMask, lo);
-  hi = __reduce_max_sync(kFullMask, hi);
-  if (lane == 0) {
-    warp_a[warp] = lo;
-    warp_b[warp] = hi;
-  }
   __syncthreads();
-  lo = UINT_MAX;
-  hi = 0;
-  for (int w = 0; w < kRadixWarps; ++w) {
-    lo = min(lo, warp_a[w]);
-    hi = max(hi, warp_b[w]);
-  }
 
   // 1. prefix grows digit by digit to K. Invariant: fewer than `remaining` of the keys that match
   // prefix under mask are above K, at least `remaining` are >= K.
-  uint32_t prefix = lo;  // when every key is equal, K is that key
-  if (lo != hi) {
-    const int top_bit = 31 - __clz(lo ^ hi);  // highest bit in which two keys differ
-    uint32_t mask = top_bit == 31 ? 0u : ~0u << (top_bit + 1);
-    prefix = lo & mask;
+  uint32_t prefix = 0;
+  {
+    uint32_t mask = 0;
     int remaining = p.capacity;
-    int low = top_bit + 1;  // bits [0, low) are still open
-    while (low > 0) {
+    int low = 32;   // bits [0, low) are still open
+    int live = -1;  // keys in live_keys, or -1: passes read the whole column
+    auto each_live = [&](auto&& f) {
+      if (live >= 0) {
+        for (int c = tid; c < live; c += kRadixThreads) f(live_keys[c]);
+      } else {
+        for (int i = tid; i < p.size; i += kRadixThreads) f(key_at(i));
+      }
+    };
+    for (int pass = 0; low > 0; ++pass) {
       const int width = min(kDigitBits, low), shift = low - width;
       const uint32_t digit_mask = (1u << width) - 1u;
-      for (int b = tid; b < kBins; b += kRadixThreads) hist[b] = 0;
-      __syncthreads();
-      for (int i = tid; i < p.size; i += kRadixThreads) {
-        const uint32_t k = key_at(i);
-        if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & digit_mask], 1u);
+      // From the second pass on, the column sweep also gathers the keys still in the running.
+      const bool collect = pass > 0 && live < 0;
+      if (pass > 0) {  // the first digit was counted while loading
+        for (int b = tid; b < kBins; b += kRadixThreads) hist[b] = 0;
+        if (tid == 0) live_count = 0;
+        __syncthreads();
+        each_live([&](uint32_t k) {
+          if ((k & mask) != prefix) return;
+          atomicAdd(&hist[(k >> shift) & digit_mask], 1u);
+          if (collect) {
+            const uint32_t slot = atomicAdd(&live_count, 1u);
+            if (slot < kMaxLiveKeys) live_keys[slot] = k;
+          }
+        });
+        __syncthreads();
+        if (collect && live_count <= kMaxLiveKeys) live = static_cast<int>(live_count);
       }
-      __syncthreads();
       // Counts of keys above each thread's run of bins: a suffix scan over the block.
       const int first_bin = tid * kBinsPerThread;
       uint32_t local = 0;
@@ -354,10 +397,9 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
       low = shift;
       if (found_count == 1 && low > 0) {
         // One key left in the running (the usual case after two digits): it is K.
-        for (int i = tid; i < p.size; i += kRadixThreads) {
-          const uint32_t k = key_at(i);
+        each_live([&](uint32_t k) {
           if ((k & mask) == prefix) only_key = k;
-        }
+        });
         __syncthreads();
         prefix = only_key;
         break;
@@ -374,6 +416,72 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
   }
   __syncthreads();
   const uint32_t run_lo = key_lo, run_hi = key_hi;
+
+  if constexpr (kShared && kRadixThreads == kLargeRadixThreads) {
+    // 3. One sweep sets, per 32 positions, the bits of the keys above the run and in it; thread t
+    // owns words [t kWordsPerThread, ...). Scans over the threads give each word the run keys
+    // before it (the run's lowest positions are taken up to capacity) and its output slot.
+    constexpr int kWordsPerThread = kMaxWords / kRadixThreads;
+    const int words = static_cast<int>(CeilDiv(p.size, kWarpSize));
+    for (int w = warp; w < words; w += kRadixWarps) {
+      const int i = w * kWarpSize + lane;
+      const uint32_t k = i < p.size ? column_keys[i] : 0u;
+      const unsigned gt = __ballot_sync(kFullMask, i < p.size && k > run_hi);
+      const unsigned eq = __ballot_sync(kFullMask, i < p.size && k >= run_lo && k <= run_hi);
+      if (lane == 0) {
+        greater_bits[w] = gt;
+        equal_bits[w] = eq;
+      }
+    }
+    __syncthreads();
+    const int w0 = tid * kWordsPerThread;
+    uint32_t my_greater = 0, my_equal = 0;
+#pragma unroll
+    for (int q = 0; q < kWordsPerThread; ++q) {
+      if (w0 + q < words) {
+        my_greater += __popc(greater_bits[w0 + q]);
+        my_equal += __popc(equal_bits[w0 + q]);
+      }
+    }
+    uint32_t total_greater = 0, total_equal = 0, total_taken = 0;
+    BlockExclusiveSum<kRadixWarps>(my_greater, warp_a, &total_greater);
+    int equal_rank = static_cast<int>(BlockExclusiveSum<kRadixWarps>(my_equal, warp_b, &total_equal));
+    const int remaining = p.capacity - static_cast<int>(total_greater);
+    uint32_t take[kWordsPerThread];
+    uint32_t my_taken = 0;
+#pragma unroll
+    for (int q = 0; q < kWordsPerThread; ++q) {
+      take[q] = 0;
+      if (w0 + q >= words) continue;
+      const uint32_t eq = equal_bits[w0 + q];
+      const int count = __popc(eq), want = max(0, min(remaining - equal_rank, count));
+      uint32_t eq_taken = eq;
+      if (want < count) {  // the lowest `want` positions of the run in this word
+        eq_taken = 0;
+        uint32_t rest = eq;
+        for (int b = 0; b < want; ++b) {
+          eq_taken |= rest & (0u - rest);
+          rest &= rest - 1u;
+        }
+      }
+      take[q] = greater_bits[w0 + q] | eq_taken;
+      equal_rank += count;
+      my_taken += __popc(take[q]);
+    }
+    int slot = static_cast<int>(BlockExclusiveSum<kRadixWarps>(my_taken, warp_a, &total_taken));
+#pragma unroll
+    for (int q = 0; q < kWordsPerThread; ++q) {
+      for (uint32_t t = take[q]; t != 0; t &= t - 1u) {
+        const int i = (w0 + q) * kWarpSize + __ffs(t) - 1;
+        const int64_t out = p.out + slot++;
+        selected[out] = p.Row(i);
+        if (selected_scores != nullptr) {
+          selected_scores[out] = RouterSigmoid(KeyToFloat(column_keys[i]));
+        }
+      }
+    }
+    return;
+  }
 
   // 3. Warp w walks a contiguous segment twice: counting, then (after a scan over warps) writing.
   const int segment =

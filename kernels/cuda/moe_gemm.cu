@@ -264,6 +264,16 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const MoeTile mt = p.tiles[tile / p.n_tiles];
     const int nt = tile % p.n_tiles;
+    if (cw * 64 >= mt.rows) {
+      // No rows for this warpgroup (a tile of <= 64 rows): pass the stages through and leave the
+      // tensor cores to the other one.
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int stage = it % P::kStages;
+        MbarWait(&full[stage], (it / P::kStages) & 1);
+        if (lane == 0) MbarArrive(&empty[stage]);
+      }
+      continue;
+    }
     int prev_stage = 0;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int stage = it % P::kStages;
