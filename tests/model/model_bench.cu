@@ -3,15 +3,16 @@
 //
 // 1. The routed experts of one MoE layer (hidden 2048, expert width 512, 256 experts, top-8,
 //    BF16 random weights) at N = 32 ... 16384 tokens, from routing given to layer output: device
-//    plan build, gather, gate/up GEMMs, SwiGLU, down GEMMs, weighted combine (no shared expert,
-//    no router). Routings: token-choice with uniform and Zipf-skewed (skew 1.0) router logits,
-//    expert-choice with capacity factor 1.0 and 1.25 over one scope of N tokens. Beside each, a
-//    plain baseline in the same process: the same gather, SwiGLU and combine with one cuBLAS GEMM
-//    per expert instead of the grouped / strided-batched calls. Each time is the median of many
-//    event-timed runs after warm-up (host launches included; a token-choice plan's per-expert
-//    counts are copied back every run, as the forward does). Ratio = floor / time, floor =
-//    max(bytes that must be read / copy bandwidth, useful FLOPs / bf16 GEMM rate), both ceilings
-//    measured first in the same process; bytes = the touched experts' weights + x + the output.
+//    plan build, the routed experts (MoeExperts), weighted combine (no shared expert, no router).
+//    Routings: token-choice with uniform and Zipf-skewed (skew 1.0) router logits, expert-choice
+//    with capacity factor 1.0 and 1.25 over one scope of N tokens. The fused path (moe_gemm.h,
+//    no host round trip) is timed as a CUDA graph of 10 layers, median of 20 replays. Beside it,
+//    in the same process and event-timed (median of many runs after warm-up, host launches
+//    included, a token-choice plan's per-expert counts copied back every run): the unfused cuBLAS
+//    path (MoeExpertsPath::kCublas) and a plain baseline with one cuBLAS GEMM per expert around
+//    the same gather, SwiGLU and combine. Ratio = floor / time, floor = max(bytes that must be
+//    read / copy bandwidth, useful FLOPs / bf16 GEMM rate), both ceilings measured first in the
+//    same process; bytes = the touched experts' weights + x + the output.
 // 2. The routing kernels alone are in tests/kernels/cuda_bench.cu.
 // 3. Whole forwards of the random-weight full LLaDA2.0-mini (Model on Device::kCuda, BF16) at 1,
 //    8, 32 and 64 concurrent 32-token blocks over a 512-token cached prefix each, token-choice and
@@ -286,6 +287,8 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
                   100.0 * floor_us / base_us, base_us / us);
     }
   }
+  graph_gemm->reset();
+  Check(cudaStreamDestroy(graph_stream), "stream");
   std::printf("\n");
 }
 
