@@ -1,6 +1,7 @@
 // Helpers of the CUDA benchmark programs (tests/kernels/cuda_bench.cu, tests/model/model_bench.cu):
 // checks that exit with a message, device buffers, random device data, event and CUDA-graph
-// timers (medians after warm-up), and this GPU's ceilings measured in the same process.
+// timers (medians after warm-up), routing-plan builds, and this GPU's ceilings measured in the
+// same process.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -16,6 +17,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/routing_plan.h"
 
 namespace moeserve::cuda {
 namespace {
@@ -145,6 +147,28 @@ double TimeGraphUs(const std::function<void(cudaStream_t)>& fn, int samples = 20
   if (capture_stream == nullptr) cudaStreamDestroy(stream);
   std::sort(us.begin(), us.end());
   return us[us.size() / 2];
+}
+
+// What BuildRoutingPlan needs for n tokens and `assignments` plan entries: the plan's storage, its
+// workspace, and the arguments, pointed at the caller's selections (which must outlive them).
+struct PlanBuild {
+  DeviceRoutingPlanStorage storage;
+  DeviceBuffer workspace;
+  BuildRoutingPlanArgs args;
+};
+PlanBuild MakePlanBuild(int64_t n, int64_t experts, int64_t assignments,
+                        const TokenChoiceSelections* token_choice,
+                        const ExpertChoiceSelections* expert_choice) {
+  absl::StatusOr<DeviceRoutingPlanStorage> storage =
+      DeviceRoutingPlanStorage::Allocate(n, experts, assignments);
+  Check(storage.status(), "plan storage");
+  PlanBuild b{std::move(*storage), Alloc(BuildRoutingPlanWorkspaceBytes(n, experts)), {}};
+  b.args.token_choice = token_choice;
+  b.args.expert_choice = expert_choice;
+  b.args.plan = b.storage.plan();
+  b.args.workspace = b.workspace.data();
+  b.args.workspace_bytes = b.workspace.bytes();
+  return b;
 }
 
 struct Ceilings {

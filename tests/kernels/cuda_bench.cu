@@ -188,15 +188,8 @@ void BenchTokenChoice(const Ceilings& ceil) {
 
     // The device plan from these selections, then a combine of hidden 2048.
     TokenChoiceSelections tc{nullptr, n, kTopk, idx.as<int32_t>(), weight.as<float>()};
-    absl::StatusOr<DeviceRoutingPlanStorage> storage =
-        DeviceRoutingPlanStorage::Allocate(n, kExperts, n * kTopk);
-    Check(storage.status(), "plan");
-    DeviceBuffer ws = Alloc(BuildRoutingPlanWorkspaceBytes(n, kExperts));
-    BuildRoutingPlanArgs build;
-    build.token_choice = &tc;
-    build.plan = storage->plan();
-    build.workspace = ws.data();
-    build.workspace_bytes = ws.bytes();
+    const PlanBuild plan = MakePlanBuild(n, kExperts, n * kTopk, &tc, nullptr);
+    const BuildRoutingPlanArgs& build = plan.args;
     const double plan_us = TimeUs([&](int) { Check(BuildRoutingPlan(build, nullptr), "plan"); });
     std::snprintf(name, sizeof(name), "routing plan build N=%lld (tc)", (long long)n);
     const double plan_bytes = 8.0 * n * kTopk * 3;  // selections in, plan out (two indices)
@@ -210,7 +203,7 @@ void BenchTokenChoice(const Ceilings& ceil) {
     DeviceBuffer x = RandomDevice(n * kHidden, DType::kF32, 32);
     DeviceBuffer shared = RandomDevice(n * kHidden, DType::kF32, 33);
     const double combine_us = TimeUs([&](int) {
-      Check(Combine({storage->plan(), DType::kBF16, y.data(), shared.as<float>(), x.as<float>(),
+      Check(Combine({plan.storage.plan(), DType::kBF16, y.data(), shared.as<float>(), x.as<float>(),
                      x.as<float>(), kHidden},
                     nullptr),
             "combine");
@@ -380,16 +373,8 @@ void ProfileOnce() {
                          nullptr),
         "token choice");
   TokenChoiceSelections tc{nullptr, n, kTopk, idx.as<int32_t>(), weight.as<float>()};
-  absl::StatusOr<DeviceRoutingPlanStorage> storage =
-      DeviceRoutingPlanStorage::Allocate(n, kExperts, n * kTopk);
-  Check(storage.status(), "plan");
-  DeviceBuffer ws = Alloc(BuildRoutingPlanWorkspaceBytes(n, kExperts));
-  BuildRoutingPlanArgs build;
-  build.token_choice = &tc;
-  build.plan = storage->plan();
-  build.workspace = ws.data();
-  build.workspace_bytes = ws.bytes();
-  Check(BuildRoutingPlan(build, nullptr), "plan");
+  const PlanBuild plan = MakePlanBuild(n, kExperts, n * kTopk, &tc, nullptr);
+  Check(BuildRoutingPlan(plan.args, nullptr), "plan");
   for (int64_t scope_rows : {n, int64_t{512}, int64_t{32}}) {
     ScopeTable scopes = MakeScopes(scope_rows == 512 ? 1 : n / scope_rows, scope_rows);
     DeviceBuffer workspace =

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
@@ -75,24 +76,24 @@ struct LayerWeights {
 };
 
 // One routing of n tokens as a device plan, with its host offsets.
+// Held by pointer: plan.args points at tc / ec.
 struct Routed {
-  DeviceRoutingPlanStorage storage;
   std::vector<int32_t> offsets;
   int64_t touched_experts = 0;
   bool token_choice = false;
   // What BuildRoutingPlan needs again in the timed region.
-  DeviceBuffer logits, rows, topk_idx, topk_weight, selected, renormalize, plan_ws;
+  DeviceBuffer logits, rows, topk_idx, topk_weight, selected, renormalize;
   DeviceBuffer row_offsets, capacity, selected_offsets;
   TokenChoiceSelections tc;
   ExpertChoiceSelections ec;
-  BuildRoutingPlanArgs build;
+  PlanBuild plan;
 };
 
-Routed Route(int64_t n, bool token_choice, double skew, double capacity_factor) {
-  Routed r;
+std::unique_ptr<Routed> Route(int64_t n, bool token_choice, double skew, double capacity_factor) {
+  auto routed = std::make_unique<Routed>();
+  Routed& r = *routed;
   r.token_choice = token_choice;
   r.logits = Upload(RouterLogits(n, skew, 7));
-  r.plan_ws = Alloc(BuildRoutingPlanWorkspaceBytes(n, kExperts));
   int64_t assignments = 0;
   if (token_choice) {
     r.topk_idx = Alloc(n * kTopk * 4);
@@ -104,7 +105,6 @@ Routed Route(int64_t n, bool token_choice, double skew, double capacity_factor) 
                            nullptr),
           "token choice");
     r.tc = {nullptr, n, kTopk, r.topk_idx.as<int32_t>(), r.topk_weight.as<float>()};
-    r.build.token_choice = &r.tc;
     assignments = n * kTopk;
   } else {
     const int32_t cap =
@@ -133,23 +133,17 @@ Routed Route(int64_t n, bool token_choice, double skew, double capacity_factor) 
     Check(ExpertChoiceSelect(a, nullptr), "expert choice");
     r.ec = {scopes, r.selected.as<int32_t>(), r.renormalize.as<uint8_t>(), r.logits.as<float>(),
             2.5f};
-    r.build.expert_choice = &r.ec;
     assignments = kExperts * cap;
   }
-  absl::StatusOr<DeviceRoutingPlanStorage> storage =
-      DeviceRoutingPlanStorage::Allocate(n, kExperts, assignments);
-  Check(storage.status(), "plan storage");
-  r.storage = std::move(*storage);
-  r.build.plan = r.storage.plan();
-  r.build.workspace = r.plan_ws.data();
-  r.build.workspace_bytes = r.plan_ws.bytes();
-  Check(BuildRoutingPlan(r.build, nullptr), "plan");
+  r.plan = MakePlanBuild(n, kExperts, assignments, token_choice ? &r.tc : nullptr,
+                         token_choice ? nullptr : &r.ec);
+  Check(BuildRoutingPlan(r.plan.args, nullptr), "plan");
   absl::StatusOr<std::vector<int32_t>> offsets =
-      Download(r.storage.plan().expert_offsets, kExperts + 1);
+      Download(r.plan.storage.plan().expert_offsets, kExperts + 1);
   Check(offsets.status(), "offsets");
   r.offsets = *offsets;
   for (int64_t e = 0; e < kExperts; ++e) r.touched_experts += r.offsets[e + 1] > r.offsets[e];
-  return r;
+  return routed;
 }
 
 void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
@@ -187,8 +181,9 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
     DeviceBuffer residual = RandomDevice(n * kHidden, DType::kF32, 14);
     DeviceBuffer out = Alloc(n * kHidden * 4);
     for (const Mode& m : modes) {
-      Routed r = Route(n, m.token_choice, m.skew, m.cf);
-      const DeviceRoutingPlan plan = r.storage.plan();
+      const std::unique_ptr<Routed> routed = Route(n, m.token_choice, m.skew, m.cf);
+      const Routed& r = *routed;
+      const DeviceRoutingPlan plan = r.plan.storage.plan();
       const int64_t a = plan.num_assignments;
       DeviceBuffer ws = Alloc(std::max(
           MoeExpertsWorkspaceBytes(DType::kBF16, a, kExperts, kHidden, kWidth),
@@ -211,7 +206,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
               "combine");
       };
       auto layer = [&](Gemm& g, cudaStream_t stream, MoeExpertsPath path) {
-        Check(BuildRoutingPlan(r.build, stream), "plan");
+        Check(BuildRoutingPlan(r.plan.args, stream), "plan");
         if (path == MoeExpertsPath::kCublas) get_offsets(stream);
         MoeExpertsArgs args;
         args.x = x.data();
@@ -238,7 +233,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
       DeviceBuffer xs = Alloc(a * kHidden * 2), gate_up = Alloc(a * 2 * kWidth * 2),
                    act = Alloc(a * kWidth * 2);
       const double base_us = TimeUs([&](int) {
-        Check(BuildRoutingPlan(r.build, nullptr), "plan");
+        Check(BuildRoutingPlan(r.plan.args, nullptr), "plan");
         get_offsets(nullptr);
         Check(GatherRows({DType::kBF16, x.data(), kHidden, plan.token_idx, a, xs.data()}, nullptr),
               "gather");
