@@ -445,7 +445,8 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
     }
     uint32_t total_greater = 0, total_equal = 0, total_taken = 0;
     BlockExclusiveSum<kRadixWarps>(my_greater, warp_a, &total_greater);
-    int equal_rank = static_cast<int>(BlockExclusiveSum<kRadixWarps>(my_equal, warp_b, &total_equal));
+    int equal_rank =
+        static_cast<int>(BlockExclusiveSum<kRadixWarps>(my_equal, warp_b, &total_equal));
     const int remaining = p.capacity - static_cast<int>(total_greater);
     uint32_t take[kWordsPerThread];
     uint32_t my_taken = 0;

@@ -44,7 +44,8 @@ __global__ void CombineKernel(const int32_t* __restrict__ token_offsets,
   for (int64_t d = threadIdx.x * kVec; d < hidden; d += blockDim.x * kVec) {
     float mix[kVec];
     if (shared_out != nullptr) {
-      const Vec<float, kVec> s = *reinterpret_cast<const Vec<float, kVec>*>(shared_out + t * hidden + d);
+      const Vec<float, kVec> s =
+          *reinterpret_cast<const Vec<float, kVec>*>(shared_out + t * hidden + d);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) mix[i] = __fadd_rn(0.0f, s.v[i]);
     } else {
@@ -60,7 +61,8 @@ __global__ void CombineKernel(const int32_t* __restrict__ token_offsets,
     }
     Vec<float, kVec> o;
     if (residual != nullptr) {
-      const Vec<float, kVec> r = *reinterpret_cast<const Vec<float, kVec>*>(residual + t * hidden + d);
+      const Vec<float, kVec> r =
+          *reinterpret_cast<const Vec<float, kVec>*>(residual + t * hidden + d);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) o.v[i] = __fadd_rn(r.v[i], mix[i]);
     } else {
@@ -84,12 +86,12 @@ void LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
   if (a.hidden_size % 8 == 0 && aligned) {
     const int threads = static_cast<int>(std::min<int64_t>(kThreads, a.hidden_size / 8));
     CombineKernel<T, 8><<<a.plan.num_tokens, threads, 0, stream>>>(
-        a.plan.token_offsets, a.plan.token_assignments, a.plan.weight, y, a.shared_out,
-        a.residual, a.out, a.hidden_size);
+        a.plan.token_offsets, a.plan.token_assignments, a.plan.weight, y, a.shared_out, a.residual,
+        a.out, a.hidden_size);
   } else {
     CombineKernel<T, 1><<<a.plan.num_tokens, kThreads, 0, stream>>>(
-        a.plan.token_offsets, a.plan.token_assignments, a.plan.weight, y, a.shared_out,
-        a.residual, a.out, a.hidden_size);
+        a.plan.token_offsets, a.plan.token_assignments, a.plan.weight, y, a.shared_out, a.residual,
+        a.out, a.hidden_size);
   }
 }
 

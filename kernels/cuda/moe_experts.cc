@@ -14,8 +14,7 @@ size_t AlignUp(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
 }  // namespace
 
-bool MoeExpertsFused(DType dtype, int64_t num_experts, int64_t hidden_size,
-                     int64_t expert_width) {
+bool MoeExpertsFused(DType dtype, int64_t num_experts, int64_t hidden_size, int64_t expert_width) {
   return dtype == DType::kBF16 && MoeGemmFits(num_experts, hidden_size, expert_width) &&
          MoeGemmAvailable();
 }

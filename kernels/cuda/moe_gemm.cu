@@ -26,28 +26,22 @@ constexpr int kBN = 256;  // B rows (weight rows) per tile
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
 
-// A pipeline shape: kBK K elements per stage (one swizzle row of 2 kBK bytes, the 64- or 128-byte
-// swizzle), kStages stages. MoeGemm runs 64 x 4 (128-byte rows); 32 x 8 and 32 x 9 (64-byte rows,
-// more stages in flight) measured 10-40% slower on the H200 (docs/CUDA.md). The producer marks a stage full kLag stages after issuing it, so
-// kLag + 1 stages of copies are in flight; kLag <= kStages - 2 keeps the ring from deadlocking
-// (the consumers hold at most two stages).
-template <int kBK_, int kStages_>
-struct Pipeline {
-  static constexpr int kBK = kBK_;
-  static constexpr int kStages = kStages_;
-  static constexpr int kLag = kStages - 3;
-  static constexpr int kRowBytes = kBK * 2;
-  static constexpr int kChunks = kRowBytes / 16;      // 16-byte chunks per row
-  static constexpr int kRowStep = 128 / kChunks;      // rows between one producer thread's rows
-  static constexpr int kATileBytes = kBM * kRowBytes;
-  static constexpr int kBTileBytes = kBN * kRowBytes;
-  static constexpr int kStageBytes = kATileBytes + kBTileBytes;
-  static constexpr size_t kSmemBytes =
-      size_t{kStages} * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
-  static_assert(kRowBytes == 64 || kRowBytes == 128, "64- or 128-byte swizzle rows");
-  static_assert(kLag >= 1 && kLag <= kStages - 2, "ring depth");
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory");
-};
+// The ring: kStages stages of one 64-element K slab each (one 128-byte swizzle row per tile row).
+// The producer marks a stage full kLag = 1 stage after issuing it, so up to two stages of copies
+// are in flight while the consumers hold at most two. Slabs of 32 elements with the 64-byte
+// swizzle and 8 or 9 stages measured 10-40% slower on the H200 (docs/CUDA.md).
+constexpr int kBK = 64;
+constexpr int kStages = 4;
+constexpr int kLag = 1;
+constexpr int kRowBytes = kBK * 2;
+constexpr int kChunks = kRowBytes / 16;  // 16-byte chunks per row
+constexpr int kRowStep = 128 / kChunks;  // rows between one producer thread's rows
+constexpr int kATileBytes = kBM * kRowBytes;
+constexpr int kBTileBytes = kBN * kRowBytes;
+constexpr int kStageBytes = kATileBytes + kBTileBytes;
+constexpr size_t kSmemBytes = size_t{kStages} * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
+static_assert(kLag >= 1 && kLag <= kStages - 2, "the ring deadlocks past kStages - 2");
+static_assert(kSmemBytes <= 227 * 1024, "shared memory");
 constexpr int kMaxExperts = 1024;
 
 struct MoeTile {
@@ -90,17 +84,17 @@ __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int n
 }
 
 struct KernelParams {
-  const __nv_bfloat16* a;        // up: x [tokens, k]; down: act [assignments, k]
-  const int32_t* token_idx;      // up: the plan's token_idx; down: null (rows are assignments)
-  const __nv_bfloat16* b;        // [experts, b_rows_per_expert, k]
+  const __nv_bfloat16* a;    // up: x [tokens, k]; down: act [assignments, k]
+  const int32_t* token_idx;  // up: the plan's token_idx; down: null (rows are assignments)
+  const __nv_bfloat16* b;    // [experts, b_rows_per_expert, k]
   int64_t b_rows_per_expert;
-  int32_t up_offset;             // up: expert_width (row of the first up row); down: 0
-  int32_t k;                     // multiple of kBK
-  int32_t n_tiles;               // output column tiles per row tile
-  int32_t out_cols;              // up: expert_width; down: hidden
+  int32_t up_offset;  // up: expert_width (row of the first up row); down: 0
+  int32_t k;          // multiple of kBK
+  int32_t n_tiles;    // output column tiles per row tile
+  int32_t out_cols;   // up: expert_width; down: hidden
   const MoeTile* tiles;
   const int32_t* num_tiles;
-  __nv_bfloat16* out;            // [assignments, out_cols]
+  __nv_bfloat16* out;  // [assignments, out_cols]
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -135,18 +129,15 @@ __device__ __forceinline__ void LandedAndFenced() {
 }
 // 16 bytes global -> shared, through L2 only; src_bytes 0 fills zeros.
 __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
                : "memory");
 }
 
-// wgmma shared-memory descriptor: K-major, rows of R = 64 or 128 bytes with the R-byte swizzle,
-// 8-row groups 8 R bytes apart.
-template <int kRowBytes>
+// wgmma shared-memory descriptor: K-major, 128-byte rows with the 128-byte swizzle, 8-row groups
+// 1024 bytes apart.
 __device__ __forceinline__ uint64_t SmemDesc(uint32_t addr) {
-  constexpr uint64_t kMode = kRowBytes == 128 ? 1 : 2;
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
-         (uint64_t{8 * kRowBytes >> 4} << 32) | (kMode << 62);
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
 
 // D[64 x 256] (+)= A[64 x 16] B[256 x 16]^T, both from shared memory; scale_d 0 overwrites D.
@@ -162,24 +153,28 @@ __device__ __forceinline__ void Wgmma256(float (&d)[128], uint64_t desc_a, uint6
       "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
       "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
       "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, "
+      "%127"
       "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
@@ -188,19 +183,18 @@ __device__ __forceinline__ void FenceOperands(float (&d)[128]) {
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-
-template <bool kUp, typename P>
+template <bool kUp>
 __device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, uint64_t* full,
                                         uint64_t* empty) {
-  constexpr int kARows = kBM / P::kRowStep, kBRows = kBN / P::kRowStep;  // per thread
-  const int t = threadIdx.x;  // 0..127
-  const int chunk = t % P::kChunks, row0 = t / P::kChunks;
+  constexpr int kARows = kBM / kRowStep, kBRows = kBN / kRowStep;  // per thread
+  const int t = threadIdx.x;                                       // 0..127
+  const int chunk = t % kChunks, row0 = t / kChunks;
   // Rows row0 + kRowStep i all sit at the same place in the swizzle pattern.
-  const int pattern = (row0 * P::kRowBytes >> 7) & (P::kChunks - 1);
+  const int pattern = (row0 * kRowBytes >> 7) & (kChunks - 1);
   const uint32_t swz = static_cast<uint32_t>((chunk ^ pattern) * 16);
   const uint32_t smem_base = SmemAddr(smem);
   const int total = *p.num_tiles * p.n_tiles;
-  const int k_tiles = p.k / P::kBK;
+  const int k_tiles = p.k / kBK;
   int it = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const MoeTile mt = p.tiles[tile / p.n_tiles];
@@ -209,7 +203,7 @@ __device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, ui
     uint32_t a_bytes[kARows];
 #pragma unroll
     for (int i = 0; i < kARows; ++i) {
-      const int r = row0 + P::kRowStep * i;
+      const int r = row0 + kRowStep * i;
       const bool valid = r < mt.rows;
       int64_t src = 0;
       if (valid) src = kUp ? p.token_idx[mt.row_begin + r] : mt.row_begin + r;
@@ -222,16 +216,16 @@ __device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, ui
     const int n0 = kUp ? nt * (kBN / 2) : nt * kBN;
     const __nv_bfloat16* b_lo = b_expert + static_cast<int64_t>(n0 + row0) * p.k;
     const __nv_bfloat16* b_hi =
-        b_expert + static_cast<int64_t>((kUp ? p.up_offset - kBN / 2 : 0) + n0 + row0 + kBN / 2) *
-                       p.k;
-    const int64_t b_step = static_cast<int64_t>(P::kRowStep) * p.k;
+        b_expert +
+        static_cast<int64_t>((kUp ? p.up_offset - kBN / 2 : 0) + n0 + row0 + kBN / 2) * p.k;
+    const int64_t b_step = static_cast<int64_t>(kRowStep) * p.k;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const int stage = it % P::kStages;
-      MbarWait(&empty[stage], ((it / P::kStages) & 1) ^ 1);
-      const uint32_t sa = smem_base + stage * P::kStageBytes + row0 * P::kRowBytes + swz;
-      const uint32_t sb = sa + P::kATileBytes;
-      const int64_t koff = static_cast<int64_t>(kt) * P::kBK;
-      constexpr uint32_t kSmemStep = P::kRowStep * P::kRowBytes;
+      const int stage = it % kStages;
+      MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
+      const uint32_t sa = smem_base + stage * kStageBytes + row0 * kRowBytes + swz;
+      const uint32_t sb = sa + kATileBytes;
+      const int64_t koff = static_cast<int64_t>(kt) * kBK;
+      constexpr uint32_t kSmemStep = kRowStep * kRowBytes;
 #pragma unroll
       for (int i = 0; i < kARows; ++i) CpAsync16(sa + i * kSmemStep, a_row[i] + koff, a_bytes[i]);
 #pragma unroll
@@ -240,17 +234,17 @@ __device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, ui
         CpAsync16(sb + (i + kBRows / 2) * kSmemStep, b_hi + i * b_step + koff, 16);
       }
       asm volatile("cp.async.commit_group;" ::: "memory");
-      if (it >= P::kLag) {
-        LandedAndFenced<P::kLag>();
-        MbarArrive(&full[(it - P::kLag) % P::kStages]);
+      if (it >= kLag) {
+        LandedAndFenced<kLag>();
+        MbarArrive(&full[(it - kLag) % kStages]);
       }
     }
   }
   LandedAndFenced<0>();
-  for (int j = max(0, it - P::kLag); j < it; ++j) MbarArrive(&full[j % P::kStages]);
+  for (int j = max(0, it - kLag); j < it; ++j) MbarArrive(&full[j % kStages]);
 }
 
-template <bool kUp, typename P>
+template <bool kUp>
 __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, uint64_t* full,
                                         uint64_t* empty) {
   const int ct = threadIdx.x - 128;  // 0..255
@@ -258,7 +252,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
   const int warp = (ct % 128) / kWarpSize, lane = ct % kWarpSize;
   const uint32_t smem_base = SmemAddr(smem);
   const int total = *p.num_tiles * p.n_tiles;
-  const int k_tiles = p.k / P::kBK;
+  const int k_tiles = p.k / kBK;
   float acc[128];
   int it = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
@@ -268,22 +262,22 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
       // No rows for this warpgroup (a tile of <= 64 rows): pass the stages through and leave the
       // tensor cores to the other one.
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-        const int stage = it % P::kStages;
-        MbarWait(&full[stage], (it / P::kStages) & 1);
+        const int stage = it % kStages;
+        MbarWait(&full[stage], (it / kStages) & 1);
         if (lane == 0) MbarArrive(&empty[stage]);
       }
       continue;
     }
     int prev_stage = 0;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const int stage = it % P::kStages;
-      MbarWait(&full[stage], (it / P::kStages) & 1);
+      const int stage = it % kStages;
+      MbarWait(&full[stage], (it / kStages) & 1);
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-      const uint32_t sa = smem_base + stage * P::kStageBytes + cw * 64 * P::kRowBytes;
-      const uint32_t sb = smem_base + stage * P::kStageBytes + P::kATileBytes;
-      const uint64_t da = SmemDesc<P::kRowBytes>(sa), db = SmemDesc<P::kRowBytes>(sb);
+      const uint32_t sa = smem_base + stage * kStageBytes + cw * 64 * kRowBytes;
+      const uint32_t sb = smem_base + stage * kStageBytes + kATileBytes;
+      const uint64_t da = SmemDesc(sa), db = SmemDesc(sb);
 #pragma unroll
-      for (int kk = 0; kk < P::kBK / 16; ++kk) Wgmma256(acc, da + 2 * kk, db + 2 * kk, kt | kk);
+      for (int kk = 0; kk < kBK / 16; ++kk) Wgmma256(acc, da + 2 * kk, db + 2 * kk, kt | kk);
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       if (kt > 0) {
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
@@ -330,16 +324,16 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
 }
 #endif  // MOESERVE_SM90A
 
-template <bool kUp, typename P>
+template <bool kUp>
 __global__ void __launch_bounds__(kThreads, 1) MoeGemmKernel(const KernelParams p) {
 #ifdef MOESERVE_SM90A
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + P::kStages * P::kStageBytes);
-  uint64_t* empty = full + P::kStages;
+  uint8_t* smem =
+      reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
   if (threadIdx.x == 0) {
-    for (int s = 0; s < P::kStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       MbarInit(&full[s], 128);  // every producer thread
       MbarInit(&empty[s], kConsumerWarps);
     }
@@ -348,10 +342,10 @@ __global__ void __launch_bounds__(kThreads, 1) MoeGemmKernel(const KernelParams 
   __syncthreads();
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 88;");
-    Produce<kUp, P>(p, smem, full, empty);
+    Produce<kUp>(p, smem, full, empty);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
-    Consume<kUp, P>(p, smem, full, empty);
+    Consume<kUp>(p, smem, full, empty);
   }
 #else
   __trap();  // MoeGemmAvailable() keeps the host from launching this
@@ -377,25 +371,22 @@ int MultiprocessorCount() {
 }
 
 // The up kernel, then the down kernel, persistent grids of at most one CTA per SM.
-template <typename P>
 absl::Status LaunchPair(const KernelParams& up, const KernelParams& down, int64_t max_tiles,
                         cudaStream_t stream) {
   static const cudaError_t configured = [] {
     const cudaError_t e = cudaFuncSetAttribute(
-        MoeGemmKernel<true, P>, cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmemBytes);
+        MoeGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (e != cudaSuccess) return e;
-    return cudaFuncSetAttribute(MoeGemmKernel<false, P>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, P::kSmemBytes);
+    return cudaFuncSetAttribute(MoeGemmKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                kSmemBytes);
   }();
   CUDA_RETURN_IF_ERROR(configured);
   const int sms = MultiprocessorCount();
-  MoeGemmKernel<true, P>
-      <<<static_cast<int>(std::min<int64_t>(sms, max_tiles * up.n_tiles)), kThreads,
-         P::kSmemBytes, stream>>>(up);
+  MoeGemmKernel<true><<<static_cast<int>(std::min<int64_t>(sms, max_tiles * up.n_tiles)), kThreads,
+                        kSmemBytes, stream>>>(up);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  MoeGemmKernel<false, P>
-      <<<static_cast<int>(std::min<int64_t>(sms, max_tiles * down.n_tiles)), kThreads,
-         P::kSmemBytes, stream>>>(down);
+  MoeGemmKernel<false><<<static_cast<int>(std::min<int64_t>(sms, max_tiles * down.n_tiles)),
+                         kThreads, kSmemBytes, stream>>>(down);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
@@ -434,8 +425,7 @@ bool MoeGemmFits(int64_t num_experts, int64_t hidden, int64_t expert_width) {
          expert_width > 0 && expert_width % (kBN / 2) == 0;
 }
 
-size_t MoeGemmWorkspaceBytes(int64_t num_assignments, int64_t num_experts,
-                             int64_t expert_width) {
+size_t MoeGemmWorkspaceBytes(int64_t num_assignments, int64_t num_experts, int64_t expert_width) {
   const int64_t max_tiles = num_assignments / kBM + num_experts + 1;
   return AlignUp(max_tiles * sizeof(MoeTile) + sizeof(int32_t)) +
          AlignUp(num_assignments * expert_width * sizeof(__nv_bfloat16));
@@ -490,7 +480,7 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   down.tiles = tiles;
   down.num_tiles = num_tiles;
   down.out = static_cast<__nv_bfloat16*>(a.expert_out);
-  return LaunchPair<Pipeline<64, 4>>(up, down, max_tiles, stream);
+  return LaunchPair(up, down, max_tiles, stream);
 }
 
 }  // namespace moeserve::cuda

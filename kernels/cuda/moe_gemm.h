@@ -27,8 +27,8 @@
 namespace moeserve::cuda {
 
 struct MoeGemmArgs {
-  const void* x = nullptr;  // [plan.num_tokens, hidden] BF16
-  DeviceRoutingPlan plan;   // its expert_offsets and token_idx are read on the device
+  const void* x = nullptr;    // [plan.num_tokens, hidden] BF16
+  DeviceRoutingPlan plan;     // its expert_offsets and token_idx are read on the device
   const void* w13 = nullptr;  // [num_experts, 2 * expert_width, hidden] BF16 (gate rows; up rows)
   const void* w2 = nullptr;   // [num_experts, hidden, expert_width] BF16
   int64_t hidden = 0;

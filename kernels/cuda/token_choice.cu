@@ -1,9 +1,9 @@
 // Two kernels (token_choice.h); the group-per-lane one is described where it is defined.
 // WarpPerTokenKernel: one warp per token. Lane l holds the kPerLane consecutive experts
-// [l * kPerLane, ...) (one coalesced sweep over the logits row). Every selection step is a warp-wide (value, index) maximum
-// by butterfly shuffles, so all lanes agree on each winner. The comparison (a beats b iff
-// a.v > b.v, or equal values and a.i < b.i) is the CPU's partial_sort order, which makes the
-// result independent of the reduction order.
+// [l * kPerLane, ...) (one coalesced sweep over the logits row). Every selection step is a
+// warp-wide (value, index) maximum by butterfly shuffles, so all lanes agree on each winner. The
+// comparison (a beats b iff a.v > b.v, or equal values and a.i < b.i) is the CPU's partial_sort
+// order, which makes the result independent of the reduction order.
 //
 // Group scores have a fast path when a group is a power-of-two run of whole lanes (LLaDA2: 32
 // experts a group, 8 a lane, 4 lanes a group): each lane takes the top-2 of its own experts, then
@@ -77,9 +77,9 @@ __device__ __forceinline__ void MergeTop2(Candidate& b1, Candidate& b2, int offs
 
 template <int kPerLane>
 __global__ void WarpPerTokenKernel(Params p, const float* __restrict__ logits,
-                                  const float* __restrict__ bias, const int32_t* __restrict__ rows,
-                                  int64_t num_rows, int32_t* __restrict__ topk_idx,
-                                  float* __restrict__ topk_weight) {
+                                   const float* __restrict__ bias, const int32_t* __restrict__ rows,
+                                   int64_t num_rows, int32_t* __restrict__ topk_idx,
+                                   float* __restrict__ topk_weight) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t i = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarpSize;
   if (i >= num_rows) return;  // whole warps leave together
@@ -222,7 +222,6 @@ __global__ void WarpPerTokenKernel(Params p, const float* __restrict__ logits,
   }
 }
 
-
 // The group-per-lane layout (LLaDA2: 256 experts, 8 groups of 32, top-4 groups, top-8): four
 // tokens per warp, eight lanes per token, lane g of a token holding group g's kPerLane experts.
 // Group scores and the local top-k are then lane-local loops; only the group ranking (8 values)
@@ -239,8 +238,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
                                int64_t num_rows, int32_t* __restrict__ topk_idx,
                                float* __restrict__ topk_weight) {
   const int lane = threadIdx.x % kWarpSize;
-  const int g = lane % kLanesPerToken;        // this lane's group
-  const int base = lane - g;                  // first lane of this token
+  const int g = lane % kLanesPerToken;  // this lane's group
+  const int base = lane - g;            // first lane of this token
   const int64_t i = (blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / kWarpSize) *
                         kTokensPerWarp +
                     lane / kLanesPerToken;
@@ -433,15 +432,15 @@ absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& tp, const TokenChoic
   switch (per_lane) {
     case 2:
       WarpPerTokenKernel<2><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
-                                                           a.num_rows, a.topk_idx, a.topk_weight);
+                                                            a.num_rows, a.topk_idx, a.topk_weight);
       break;
     case 8:
       WarpPerTokenKernel<8><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
-                                                           a.num_rows, a.topk_idx, a.topk_weight);
+                                                            a.num_rows, a.topk_idx, a.topk_weight);
       break;
     default:
       WarpPerTokenKernel<32><<<blocks, threads, 0, stream>>>(p, a.logits, a.expert_bias, a.rows,
-                                                            a.num_rows, a.topk_idx, a.topk_weight);
+                                                             a.num_rows, a.topk_idx, a.topk_weight);
       break;
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());

@@ -1251,8 +1251,7 @@ TEST(MoeExpertsTest, FusedPathOnHopper) {
   SKIP_WITHOUT_GPU();
   int device = 0, major = 0;
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
-  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-            cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
   if (major != 9) GTEST_SKIP() << "not an sm_90 GPU";
   EXPECT_TRUE(cuda::MoeExpertsFused(DType::kBF16, 256, 2048, 512));
   EXPECT_FALSE(cuda::MoeExpertsFused(DType::kF32, 256, 2048, 512));

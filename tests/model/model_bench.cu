@@ -157,8 +157,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
       "output; floor = max(bytes / %.2f TB/s, FLOPs / %.0f TFLOP/s)\n",
       ceil.copy_bytes_per_s / 1e12, ceil.bf16_flop_per_s / 1e12);
   std::printf("%-24s %6s %8s %10s %9s %9s %7s %11s %10s %7s %8s\n", "routing", "N", "experts",
-              "time us", "TB/s", "TFLOP/s", "floor%", "unfused us", "base us", "base%",
-              "speedup");
+              "time us", "TB/s", "TFLOP/s", "floor%", "unfused us", "base us", "base%", "speedup");
   struct Mode {
     const char* name;
     bool token_choice;
@@ -185,10 +184,10 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
       const Routed& r = *routed;
       const DeviceRoutingPlan plan = r.plan.storage.plan();
       const int64_t a = plan.num_assignments;
-      DeviceBuffer ws = Alloc(std::max(
-          MoeExpertsWorkspaceBytes(DType::kBF16, a, kExperts, kHidden, kWidth),
-          MoeExpertsWorkspaceBytes(DType::kBF16, a, kExperts, kHidden, kWidth,
-                                   MoeExpertsPath::kCublas)));
+      DeviceBuffer ws =
+          Alloc(std::max(MoeExpertsWorkspaceBytes(DType::kBF16, a, kExperts, kHidden, kWidth),
+                         MoeExpertsWorkspaceBytes(DType::kBF16, a, kExperts, kHidden, kWidth,
+                                                  MoeExpertsPath::kCublas)));
       DeviceBuffer expert_out = Alloc(a * kHidden * 2);
       std::vector<int32_t> offsets(kExperts + 1);
       auto get_offsets = [&](cudaStream_t stream) {
@@ -224,11 +223,11 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
       // The fused path has no host round trip: it is timed as a CUDA graph, like the issue's
       // reference numbers. The cuBLAS path copies counts back, so it is event-timed.
       const double us =
-          fused ? TimeGraphUs([&](cudaStream_t s) { layer(**graph_gemm, s, MoeExpertsPath::kAuto); },
-                              20, graph_stream)
-                : TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kAuto); });
-      const double unfused_us =
-          TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kCublas); });
+          fused
+              ? TimeGraphUs([&](cudaStream_t s) { layer(**graph_gemm, s, MoeExpertsPath::kAuto); },
+                            20, graph_stream)
+              : TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kAuto); });
+      const double unfused_us = TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kCublas); });
       // Baseline: one cuBLAS GEMM per expert, same gather / SwiGLU / combine kernels.
       DeviceBuffer xs = Alloc(a * kHidden * 2), gate_up = Alloc(a * 2 * kWidth * 2),
                    act = Alloc(a * kWidth * 2);
