@@ -881,6 +881,12 @@ INSTANTIATE_TEST_SUITE_P(
       cases.push_back({"saturated_100", 100, 16, {100}, false, false, 0, 5.0f, 30.0f});
       cases.push_back(
           {"negative_capacity_one_3000", 3000, 16, {3000}, false, false, 2, -30.0f, -5.0f});
+      // The large-block bitmaps (> 4096 rows): ties inside the boundary bin, runs that leave it
+      // (saturated scores), every row, one row.
+      cases.push_back({"ties_8192", 8192, 64, {8192}, false, true, 0});
+      cases.push_back({"saturated_8000", 8000, 16, {8000}, false, false, 0, 5.0f, 30.0f});
+      cases.push_back({"capacity_all_5000", 5000, 8, {5000}, false, false, 1});
+      cases.push_back({"capacity_one_ties_6000", 6000, 8, {6000}, false, true, 2});
       return cases;
     }()));
 
