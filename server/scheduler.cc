@@ -40,8 +40,7 @@ Scheduler::Scheduler(const Model* model, EngineOptions engine, SchedulerOptions 
       options_(options),
       engine_(model, std::move(engine)),
       observer_(std::move(observer)) {
-  const ModelConfig& c = model->config();
-  // Keys and values, float32, every layer (model/kv_cache.h).
+  // Keys and values of every layer, in the cache's dtype (Model::kv_bytes_per_position).
   kv_bytes_per_position_ = model->kv_bytes_per_position();
   {
     absl::MutexLock lock(&mu_);

@@ -121,13 +121,17 @@ TEST_P(ExpertChoiceProperties, Invariants) {
     EXPECT_EQ(load.experts_per_token[j],
               std::count(experts_of_token.begin(), experts_of_token.end(), j));
   }
-  if (ec.scopes == 1) EXPECT_EQ(load.MaxOverMean(), 1.0);
+  if (ec.scopes == 1) {
+    EXPECT_EQ(load.MaxOverMean(), 1.0);
+  }
   // Renormalized weights of a token that got experts sum to routed_scaling_factor.
   std::vector<double> weight_sum(ec.tokens, 0.0);
   for (int64_t a = 0; a < r.plan.num_assignments(); ++a)
     weight_sum[r.plan.token_idx[a]] += r.plan.weight[a];
   for (int64_t t = 0; t < ec.tokens; ++t) {
-    if (experts_of_token[t] > 0) EXPECT_NEAR(weight_sum[t], config.routed_scaling_factor, 1e-5);
+    if (experts_of_token[t] > 0) {
+      EXPECT_NEAR(weight_sum[t], config.routed_scaling_factor, 1e-5);
+    }
   }
 }
 
