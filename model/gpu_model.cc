@@ -683,17 +683,19 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   // The cuBLAS path's grouped GEMMs take the per-expert counts on the host: known for
   // expert-choice-only plans (every expert takes the scopes' total capacity), copied back
   // otherwise. The fused path reads them on the device.
-  ws.expert_offsets.resize(experts + 1);
-  if (cuda::MoeExpertsFused(a_dtype, experts, hidden, c.moe_intermediate_size)) {
-    ws.expert_offsets.clear();
-  } else if (ws.num_tc_rows > 0) {
-    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.expert_offsets.data(), ws.plan.expert_offsets,
-                                         (experts + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                         stream_));
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
-  } else {
-    for (int64_t e = 0; e <= experts; ++e)
-      ws.expert_offsets[e] = static_cast<int32_t>(e * ws.scopes.total_capacity);
+  const bool fused = cuda::MoeExpertsFused(a_dtype, experts, hidden, c.moe_intermediate_size);
+  ws.expert_offsets.clear();
+  if (!fused) {
+    ws.expert_offsets.resize(experts + 1);
+    if (ws.num_tc_rows > 0) {
+      CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.expert_offsets.data(), ws.plan.expert_offsets,
+                                           (experts + 1) * sizeof(int32_t),
+                                           cudaMemcpyDeviceToHost, stream_));
+      CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    } else {
+      for (int64_t e = 0; e <= experts; ++e)
+        ws.expert_offsets[e] = static_cast<int32_t>(e * ws.scopes.total_capacity);
+    }
   }
 
   const float* shared = nullptr;

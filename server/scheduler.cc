@@ -268,9 +268,11 @@ void Scheduler::Loop() {
         MOESERVE_LOG(ERROR) << "engine step failed; the server stops serving: " << step.status();
         failed_ = true;
         stats_.failed = true;
+        // Reported before the requests end, so that health is NOT_SERVING by the time a client
+        // sees the error.
+        if (options_.on_engine_failure) options_.on_engine_failure(step.status());
         FailEverything(absl::InternalError(absl::StrCat(
             "the engine failed while running this request: ", step.status().message())));
-        if (options_.on_engine_failure) options_.on_engine_failure(step.status());
         continue;
       }
       ++stats_.steps;

@@ -86,9 +86,9 @@ struct SchedulerOptions {
   int64_t max_queue_length = 256;             // waiting requests; over it, RESOURCE_EXHAUSTED
   int64_t max_concurrent_sequences = 64;      // requests in the batch at once
   int64_t kv_cache_bytes = int64_t{4} << 30;  // K/V budget over all admitted requests
-  // Called once, on the engine thread, when a step fails (a device error, say): the scheduler
-  // then serves nothing more, and the server turns its health NOT_SERVING so that Kubernetes
-  // restarts it.
+  // Called once, on the engine thread, when a step fails (a device error, say), before the
+  // running requests end with INTERNAL: the scheduler then serves nothing more, and the server
+  // turns its health NOT_SERVING so that Kubernetes restarts it. Must not call the scheduler.
   std::function<void(const absl::Status&)> on_engine_failure;
 };
 
