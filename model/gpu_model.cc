@@ -689,8 +689,8 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
     ws.expert_offsets.resize(experts + 1);
     if (ws.num_tc_rows > 0) {
       CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(ws.expert_offsets.data(), ws.plan.expert_offsets,
-                                           (experts + 1) * sizeof(int32_t),
-                                           cudaMemcpyDeviceToHost, stream_));
+                                           (experts + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                           stream_));
       CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     } else {
       for (int64_t e = 0; e <= experts; ++e)
