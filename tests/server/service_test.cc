@@ -439,6 +439,16 @@ struct SchedulerTestBed {
   std::unique_ptr<Model> model = Model::FromWeights(config, RandomWeights(config, {.seed = 5}));
   std::unique_ptr<Tokenizer> tokenizer = Tokenizer::ByteLevelDemo();
   EngineOptions engine = *MakeEngineOptions(*tokenizer, 4096);
+
+  // A three-token prompt decoded in blocks of 8.
+  static GenerationRequest Request(const std::string& id, int64_t max_new_tokens = 8) {
+    GenerationRequest r;
+    r.request_id = id;
+    r.prompt = {1, 2, 3};
+    r.decode.max_new_tokens = max_new_tokens;
+    r.decode.block_length = 8;
+    return r;
+  }
 };
 
 // With one slot, waiting requests are admitted by priority, then by arrival.
@@ -447,11 +457,7 @@ TEST(SchedulerTest, AdmitsByPriorityThenArrival) {
   Scheduler scheduler(bed.model.get(), bed.engine,
                       {.max_queue_length = 8, .max_concurrent_sequences = 1});
   auto request = [](const std::string& id, int priority) {
-    GenerationRequest r;
-    r.request_id = id;
-    r.prompt = {1, 2, 3};
-    r.decode.max_new_tokens = 8;
-    r.decode.block_length = 8;
+    GenerationRequest r = SchedulerTestBed::Request(id);
     r.priority = priority;
     return r;
   };
@@ -490,17 +496,11 @@ TEST(SchedulerTest, ARequestWhoseDeadlineCannotBeMetIsNotStarted) {
   SchedulerTestBed bed;
   Scheduler scheduler(bed.model.get(), bed.engine,
                       {.max_queue_length = 8, .max_concurrent_sequences = 1});
-  GenerationRequest busy;
-  busy.request_id = "busy";
-  busy.prompt = {1, 2, 3};
-  busy.decode.max_new_tokens = 256;
-  busy.decode.block_length = 8;
+  const GenerationRequest busy = SchedulerTestBed::Request("busy", 256);
   auto first = scheduler.Submit(busy);
   ASSERT_TRUE(first.ok()) << first.status();
   while (scheduler.stats().running_sequences == 0) absl::SleepFor(absl::Milliseconds(1));
-  GenerationRequest late = busy;
-  late.request_id = "late";
-  late.decode.max_new_tokens = 8;
+  GenerationRequest late = SchedulerTestBed::Request("late");
   late.deadline = absl::Now() + absl::Milliseconds(50);
   auto second = scheduler.Submit(late);
   ASSERT_TRUE(second.ok()) << second.status();
@@ -529,11 +529,7 @@ TEST(SchedulerTest, AnEngineFailureEndsRequestsAndIsReported) {
     ++failures;
   };
   Scheduler scheduler(bed.model.get(), bed.engine, options);
-  GenerationRequest r;
-  r.request_id = "doomed";
-  r.prompt = {1, 2, 3};
-  r.decode.max_new_tokens = 8;
-  r.decode.block_length = 8;
+  GenerationRequest r = SchedulerTestBed::Request("doomed");
   auto h = scheduler.Submit(r);
   ASSERT_TRUE(h.ok()) << h.status();
   while (true) {
