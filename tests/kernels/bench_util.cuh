@@ -192,6 +192,16 @@ std::string Tflops(double flop, double us) {
   std::snprintf(s, sizeof(s), "%.1f TFLOP/s", flop / us / 1e6);
   return s;
 }
+// A GEMM's row against whichever ceiling binds it: copy bandwidth or the BF16 GEMM rate.
+void GemmRow(const std::string& name, double us, double flop, double bytes, const Ceilings& ceil) {
+  const double compute = flop / us * 1e6 / ceil.bf16_flop_per_s;
+  const double memory = bytes / us * 1e6 / ceil.copy_bytes_per_s;
+  if (memory > compute) {
+    Row(name, us, Tbps(bytes, us), memory, "copy bandwidth");
+  } else {
+    Row(name, us, Tflops(flop, us), compute, "bf16 GEMM peak");
+  }
+}
 
 Ceilings MeasureCeilings(Gemm& gemm) {
   Ceilings c{};

@@ -308,13 +308,7 @@ void BenchGemms(Gemm& gemm, const Ceilings& ceil) {
           (rows * s.k + s.n * s.k) * DTypeSize(s.in) + rows * s.n * DTypeSize(s.out);
       char name[128];
       std::snprintf(name, sizeof(name), "gemm %s rows=%lld", s.name, (long long)rows);
-      const double compute = flop / us * 1e6 / ceil.bf16_flop_per_s;
-      const double memory = bytes / us * 1e6 / ceil.copy_bytes_per_s;
-      if (memory > compute) {
-        Row(name, us, Tbps(bytes, us), memory, "copy bandwidth");
-      } else {
-        Row(name, us, Tflops(flop, us), compute, "bf16 GEMM peak");
-      }
+      GemmRow(name, us, flop, bytes, ceil);
     }
   }
   // Routed experts: grouped gate/up GEMMs over one layer's 256 experts (1.07 GB of bf16 weights).
@@ -348,13 +342,7 @@ void BenchGemms(Gemm& gemm, const Ceilings& ceil) {
       char name[128];
       std::snprintf(name, sizeof(name), "experts w13 %s tokens=%lld (%d experts touched)",
                     uniform ? "uniform" : "ragged", (long long)tokens, touched);
-      const double compute = flop / us * 1e6 / ceil.bf16_flop_per_s;
-      const double memory = bytes / us * 1e6 / ceil.copy_bytes_per_s;
-      if (memory > compute) {
-        Row(name, us, Tbps(bytes, us), memory, "copy bandwidth");
-      } else {
-        Row(name, us, Tflops(flop, us), compute, "bf16 GEMM peak");
-      }
+      GemmRow(name, us, flop, bytes, ceil);
     }
   }
   std::printf("\n");
