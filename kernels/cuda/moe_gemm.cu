@@ -1,14 +1,24 @@
 // Hopper kernels of moe_gemm.h. Layout of one CTA (384 threads, one per SM, persistent):
-//   warpgroup 0: producer. Thread t copies 16-byte chunk (t % 8) of rows t / 8 + 16 i of both tiles
-//                into stage s of the ring (one cp.async group per stage); once stage s's group
-//                has landed (checked after issuing stage s + 1) it fences the writes over to the
-//                async proxy that wgmma reads through and arrives on full[s] (128 arrivals).
+//   warpgroup 0: producer. It waits for the consumers to free a stage of the ring, then fills it:
+//                B (the expert's weight rows) always by tensor copies (TMA, cp.async.bulk.tensor)
+//                that complete their bytes on the stage's full barrier. A:
+//                - down kernel: the activations are in assignment order, so one thread issues one
+//                  128-row tensor copy of A beside B's, and one arrival with the byte count;
+//                - up kernel: x rows gathered through the plan's token_idx by all 128 threads with
+//                  cp.async; each thread arrives once its copies for the stage have landed and are
+//                  fenced over to the async proxy (checked after issuing the next stage).
 //   warpgroups 1, 2: consumers, rows 0-63 and 64-127 of the A tile against all 256 rows of the B
 //                tile. They wait on full[s], run 4 wgmma k16 steps, and once the previous stage's
 //                wgmma has retired release it on empty[s - 1] (one arrival per consumer warp).
 // Shared-memory tiles are K-major with the 128-byte swizzle (16-byte chunk c of row r stored at
 // chunk c ^ (r % 8)), 1024-byte aligned, one 64-element K slab per stage; a wgmma descriptor
-// advances 32 bytes per k16 step inside the slab.
+// advances 32 bytes per k16 step inside the slab. The tensor copies write the same swizzle.
+// Up kernel outputs (64 x 128 BF16 activations per warpgroup) are stored from registers. The down
+// kernel's (128 x 256 BF16 per tile) leave through shared memory: each consumer warp writes its
+// 16 rows there and bulk-copies them out row by row (cp.async.bulk), so a tile's stores overlap
+// the next tile's multiplies; rows past the tile's end are never written.
+#include <cuda.h>          // CUtensorMap
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -17,6 +27,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/device_util.cuh"
 #include "kernels/cuda/moe_gemm.h"
+#include "kernels/util/status_macros.h"
 
 namespace moeserve::cuda {
 namespace {
@@ -26,22 +37,31 @@ constexpr int kBN = 256;  // B rows (weight rows) per tile
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
 
-// The ring: kStages stages of one 64-element K slab each (one 128-byte swizzle row per tile row).
-// The producer marks a stage full kLag = 1 stage after issuing it, so up to two stages of copies
-// are in flight while the consumers hold at most two. Slabs of 32 elements with the 64-byte
-// swizzle and 8 or 9 stages measured 10-40% slower on the H200 (docs/CUDA.md).
+// The ring: stages of one 64-element K slab each (one 128-byte swizzle row per tile row). Slabs
+// of 32 elements with the 64-byte swizzle and 8 or 9 stages measured 10-40% slower on the H200
+// (docs/CUDA.md).
 constexpr int kBK = 64;
-constexpr int kStages = 4;
-constexpr int kLag = 1;
 constexpr int kRowBytes = kBK * 2;
-constexpr int kChunks = kRowBytes / 16;  // 16-byte chunks per row
-constexpr int kRowStep = 128 / kChunks;  // rows between one producer thread's rows
 constexpr int kATileBytes = kBM * kRowBytes;
 constexpr int kBTileBytes = kBN * kRowBytes;
 constexpr int kStageBytes = kATileBytes + kBTileBytes;
-constexpr size_t kSmemBytes = size_t{kStages} * kStageBytes + 2 * kStages * sizeof(uint64_t) + 1024;
-static_assert(kLag >= 1 && kLag <= kStages - 2, "the ring deadlocks past kStages - 2");
-static_assert(kSmemBytes <= 227 * 1024, "shared memory");
+// The down kernel's output staging: per consumer warp 16 rows of 256 BF16, padded by 16 bytes so
+// that the accumulator fragment's stores hit 32 different banks.
+constexpr int kStagingRowBytes = kBN * 2 + 16;
+constexpr int kStagingWarpBytes = 16 * kStagingRowBytes;
+constexpr int kStagingBytes = kConsumerWarps * kStagingWarpBytes;
+
+// Up: 4 stages and direct stores of its 64 x 128 activations per warpgroup (a long K loop, a small
+// output; the staged output with 3 stages measured 2-17% slower). Down: 3 stages and the staged
+// output (K = expert width: 8 slabs per tile, 128 x 256 outputs; 3-10% faster than 4 stages and
+// direct stores).
+__host__ __device__ constexpr int Stages(bool up) { return up ? 4 : 3; }
+__host__ __device__ constexpr bool StagedOut(bool up) { return !up; }
+constexpr size_t SmemBytes(bool up) {
+  return size_t{1024} + size_t(Stages(up)) * kStageBytes + (StagedOut(up) ? kStagingBytes : 0) +
+         2 * Stages(up) * sizeof(uint64_t);
+}
+static_assert(SmemBytes(true) <= 227 * 1024 && SmemBytes(false) <= 227 * 1024, "shared memory");
 constexpr int kMaxExperts = 1024;
 
 struct MoeTile {
@@ -84,10 +104,11 @@ __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int n
 }
 
 struct KernelParams {
-  const __nv_bfloat16* a;    // up: x [tokens, k]; down: act [assignments, k]
+  CUtensorMap a_map;  // down: act [assignments, k], 128-row boxes (up: unused)
+  CUtensorMap b_map;  // the weights [experts * b_rows_per_expert, k]; up: 128-row boxes, down: 256
+  const __nv_bfloat16* x;    // up: [tokens, k], gathered with cp.async; down: null
   const int32_t* token_idx;  // up: the plan's token_idx; down: null (rows are assignments)
-  const __nv_bfloat16* b;    // [experts, b_rows_per_expert, k]
-  int64_t b_rows_per_expert;
+  int32_t b_rows_per_expert;
   int32_t up_offset;  // up: expert_width (row of the first up row); down: 0
   int32_t k;          // multiple of kBK
   int32_t n_tiles;    // output column tiles per row tile
@@ -119,6 +140,21 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
 }
 __device__ __forceinline__ void MbarArrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(SmemAddr(bar)) : "memory");
+}
+// The one arrival a stage's full barrier waits for, with the bytes its tensor copies will bring.
+__device__ __forceinline__ void MbarArriveExpectBytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// A 2-D box of `map` at (column c0, row c1) into shared memory; completes bytes on `bar`.
+__device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, int32_t c0,
+                                        int32_t c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddr(bar))
+      : "memory");
 }
 // Every cp.async group but the newest kPending has landed: make their writes visible to the
 // async proxy that wgmma reads through (each writing thread fences its own writes).
@@ -183,74 +219,162 @@ __device__ __forceinline__ void FenceOperands(float (&d)[128]) {
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
-template <bool kUp>
-__device__ __forceinline__ void Produce(const KernelParams& p, uint8_t* smem, uint64_t* full,
-                                        uint64_t* empty) {
-  constexpr int kARows = kBM / kRowStep, kBRows = kBN / kRowStep;  // per thread
-  const int t = threadIdx.x;                                       // 0..127
-  const int chunk = t % kChunks, row0 = t / kChunks;
-  // Rows row0 + kRowStep i all sit at the same place in the swizzle pattern.
-  const int pattern = (row0 * kRowBytes >> 7) & (kChunks - 1);
-  const uint32_t swz = static_cast<uint32_t>((chunk ^ pattern) * 16);
-  const uint32_t smem_base = SmemAddr(smem);
+// The down kernel's producer: one thread, tensor copies only. Stage s is full once its one
+// arrival (with the byte count) is in and the copies' bytes have landed.
+template <int kStages>
+__device__ __forceinline__ void ProduceTiles(const KernelParams& p, uint32_t smem_base,
+                                             uint64_t* full, uint64_t* empty) {
   const int total = *p.num_tiles * p.n_tiles;
   const int k_tiles = p.k / kBK;
   int it = 0;
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
     const MoeTile mt = p.tiles[tile / p.n_tiles];
-    const int nt = tile % p.n_tiles;
-    const __nv_bfloat16* a_row[kARows];
-    uint32_t a_bytes[kARows];
-#pragma unroll
-    for (int i = 0; i < kARows; ++i) {
-      const int r = row0 + kRowStep * i;
-      const bool valid = r < mt.rows;
-      int64_t src = 0;
-      if (valid) src = kUp ? p.token_idx[mt.row_begin + r] : mt.row_begin + r;
-      a_row[i] = p.a + src * p.k + chunk * 8;
-      a_bytes[i] = valid ? 16 : 0;
-    }
-    // B rows row0 + kRowStep i: for the up kernel the first half are gate rows nt * 128 + r, the
-    // second half the matching up rows up_offset + nt * 128 + r - 128.
-    const __nv_bfloat16* b_expert = p.b + mt.expert * p.b_rows_per_expert * p.k + chunk * 8;
-    const int n0 = kUp ? nt * (kBN / 2) : nt * kBN;
-    const __nv_bfloat16* b_lo = b_expert + static_cast<int64_t>(n0 + row0) * p.k;
-    const __nv_bfloat16* b_hi =
-        b_expert +
-        static_cast<int64_t>((kUp ? p.up_offset - kBN / 2 : 0) + n0 + row0 + kBN / 2) * p.k;
-    const int64_t b_step = static_cast<int64_t>(kRowStep) * p.k;
+    const int32_t b_row = mt.expert * p.b_rows_per_expert + (tile % p.n_tiles) * kBN;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int stage = it % kStages;
       MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
-      const uint32_t sa = smem_base + stage * kStageBytes + row0 * kRowBytes + swz;
-      const uint32_t sb = sa + kATileBytes;
-      const int64_t koff = static_cast<int64_t>(kt) * kBK;
-      constexpr uint32_t kSmemStep = kRowStep * kRowBytes;
+      const uint32_t sa = smem_base + stage * kStageBytes;
+      MbarArriveExpectBytes(&full[stage], kStageBytes);
+      TmaLoad(sa, &p.a_map, kt * kBK, mt.row_begin, &full[stage]);
+      TmaLoad(sa + kATileBytes, &p.b_map, kt * kBK, b_row, &full[stage]);
+    }
+  }
+}
+
+// The up kernel's producer: the whole warpgroup. B (128 gate rows, then the matching 128 up rows)
+// comes by two tensor copies that thread 0 issues, with one arrival carrying their byte count.
+// A is gathered: thread t copies 16-byte chunk t % 8 of rows t / 8 + 16 i through the plan's
+// token_idx with cp.async (tensor copies of single 128-byte rows measured 4x slower), and arrives
+// once that stage's group has landed and been fenced over to the async proxy, which it checks
+// after issuing the next stage. So stage s is full after 129 arrivals and B's bytes.
+template <int kStages>
+__device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t smem_base,
+                                              uint64_t* full, uint64_t* empty) {
+  constexpr int kChunks = kRowBytes / 16, kRowStep = 128 / kChunks, kRows = kBM / kRowStep;
+  const int t = threadIdx.x;  // 0..127
+  const int chunk = t % kChunks, row0 = t / kChunks;
+  // Rows row0 + kRowStep i all sit at the same place in the swizzle pattern.
+  const uint32_t swz = static_cast<uint32_t>((chunk ^ (row0 % 8)) * 16);
+  const int total = *p.num_tiles * p.n_tiles;
+  const int k_tiles = p.k / kBK;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
+    const MoeTile mt = p.tiles[tile / p.n_tiles];
+    const __nv_bfloat16* a_row[kRows];
+    uint32_t a_bytes[kRows];
 #pragma unroll
-      for (int i = 0; i < kARows; ++i) CpAsync16(sa + i * kSmemStep, a_row[i] + koff, a_bytes[i]);
+    for (int i = 0; i < kRows; ++i) {
+      const int r = row0 + kRowStep * i;
+      const bool valid = r < mt.rows;
+      a_row[i] = p.x + (valid ? int64_t{p.token_idx[mt.row_begin + r]} : 0) * p.k + chunk * 8;
+      a_bytes[i] = valid ? 16 : 0;
+    }
+    const int32_t b_row = mt.expert * p.b_rows_per_expert + (tile % p.n_tiles) * (kBN / 2);
+    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+      const int stage = it % kStages;
+      MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
+      const uint32_t sa = smem_base + stage * kStageBytes, sb = sa + kATileBytes;
+      if (t == 0) {
+        MbarArriveExpectBytes(&full[stage], kBTileBytes);
+        TmaLoad(sb, &p.b_map, kt * kBK, b_row, &full[stage]);
+        TmaLoad(sb + kBTileBytes / 2, &p.b_map, kt * kBK, b_row + p.up_offset, &full[stage]);
+      }
+      const uint32_t dst = sa + row0 * kRowBytes + swz;
 #pragma unroll
-      for (int i = 0; i < kBRows / 2; ++i) {
-        CpAsync16(sb + i * kSmemStep, b_lo + i * b_step + koff, 16);
-        CpAsync16(sb + (i + kBRows / 2) * kSmemStep, b_hi + i * b_step + koff, 16);
+      for (int i = 0; i < kRows; ++i) {
+        CpAsync16(dst + i * kRowStep * kRowBytes, a_row[i] + kt * kBK, a_bytes[i]);
       }
       asm volatile("cp.async.commit_group;" ::: "memory");
-      if (it >= kLag) {
-        LandedAndFenced<kLag>();
-        MbarArrive(&full[(it - kLag) % kStages]);
+      if (it > 0) {
+        LandedAndFenced<1>();
+        MbarArrive(&full[(it - 1) % kStages]);
       }
     }
   }
   LandedAndFenced<0>();
-  for (int j = max(0, it - kLag); j < it; ++j) MbarArrive(&full[j % kStages]);
+  if (it > 0) MbarArrive(&full[(it - 1) % kStages]);
+}
+
+// Stores of one warp's 16 rows (the accumulator fragment: register 4 j + q holds row
+// warp * 16 + lane / 4 + 8 (q / 2), column 8 j + 2 (lane % 4) + q % 2 of the warpgroup's 64 x 256
+// block), straight from registers.
+template <bool kUp>
+__device__ __forceinline__ void StoreDirect(const KernelParams& p, const MoeTile& mt, int nt,
+                                            int warp_row0, const float (&acc)[128]) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int c0 = 2 * (lane % 4);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp_row0 + lane / 4 + 8 * half;
+    if (r >= mt.rows) continue;
+    __nv_bfloat16* out = p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols;
+    if constexpr (kUp) {
+      out += nt * (kBN / 2) + c0;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        float h[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const float g = acc[4 * j + 2 * half + q], u = acc[64 + 4 * j + 2 * half + q];
+          h[q] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(h[0], h[1]);
+      }
+    } else {
+      out += nt * kBN + c0;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
+            __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+      }
+    }
+  }
+}
+
+// The same 16 rows of the down kernel through this warp's staging rows: every lane writes its
+// fragment, then lanes 0-15 each bulk-copy one 512-byte row out. The copies run on while the warp
+// goes on to the next tile; the next call first waits until they have read the staging rows.
+__device__ __forceinline__ void StoreStaged(const KernelParams& p, const MoeTile& mt, int nt,
+                                            int warp_row0, uint32_t staging,
+                                            const float (&acc)[128]) {
+  const int lane = threadIdx.x % kWarpSize;
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+  __syncwarp();
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint32_t row = staging + (lane / 4 + 8 * half) * kStagingRowBytes + 4 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const __nv_bfloat162 v =
+          __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(row + 16 * j),
+                   "r"(*reinterpret_cast<const uint32_t*>(&v))
+                   : "memory");
+    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk copies
+  __syncwarp();
+  const int r = warp_row0 + lane;
+  if (lane < 16 && r < mt.rows) {
+    const __nv_bfloat16* dst =
+        p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols + nt * kBN;
+    asm volatile(
+        "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
+        "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(dst)),
+        "r"(staging + lane * kStagingRowBytes), "n"(kBN * 2)
+        : "memory");
+  }
 }
 
 template <bool kUp>
-__device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, uint64_t* full,
+__device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_base, uint64_t* full,
                                         uint64_t* empty) {
+  constexpr int kStages = Stages(kUp);
+  constexpr bool kStaged = StagedOut(kUp);
   const int ct = threadIdx.x - 128;  // 0..255
   const int cw = ct / 128;           // consumer warpgroup: A rows 64 cw ..
   const int warp = (ct % 128) / kWarpSize, lane = ct % kWarpSize;
-  const uint32_t smem_base = SmemAddr(smem);
+  const uint32_t staging = smem_base + kStages * kStageBytes + (ct / kWarpSize) * kStagingWarpBytes;
   const int total = *p.num_tiles * p.n_tiles;
   const int k_tiles = p.k / kBK;
   float acc[128];
@@ -290,62 +414,51 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint8_t* smem, ui
     FenceOperands(acc);
     if (lane == 0) MbarArrive(&empty[prev_stage]);
 
-    // Accumulator fragment: register 4 j + q holds row warp * 16 + lane / 4 + 8 (q / 2), column
-    // 8 j + 2 (lane % 4) + q % 2 of this warpgroup's 64 x 256 block.
-    const int r0 = cw * 64 + warp * 16 + lane / 4;
-    const int c0 = 2 * (lane % 4);
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int r = r0 + 8 * half;
-      if (r >= mt.rows) continue;
-      __nv_bfloat16* out = p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols;
-      if constexpr (kUp) {
-        out += nt * (kBN / 2) + c0;
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          float h[2];
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const float g = acc[4 * j + 2 * half + q], u = acc[64 + 4 * j + 2 * half + q];
-            h[q] = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
-          }
-          *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(h[0], h[1]);
-        }
-      } else {
-        out += nt * kBN + c0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
-              __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-        }
-      }
+    const int warp_row0 = cw * 64 + warp * 16;
+    if constexpr (kStaged) {
+      StoreStaged(p, mt, nt, warp_row0, staging, acc);
+    } else {
+      StoreDirect<kUp>(p, mt, nt, warp_row0, acc);
     }
   }
+  if constexpr (kStaged) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 #endif  // MOESERVE_SM90A
 
 template <bool kUp>
-__global__ void __launch_bounds__(kThreads, 1) MoeGemmKernel(const KernelParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    MoeGemmKernel(const __grid_constant__ KernelParams p) {
 #ifdef MOESERVE_SM90A
-  extern __shared__ uint8_t smem_raw[];
+  constexpr int kStages = Stages(kUp);
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem =
       reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes +
+                                               (StagedOut(kUp) ? kStagingBytes : 0));
   uint64_t* empty = full + kStages;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      MbarInit(&full[s], 128);  // every producer thread
+      MbarInit(&full[s], kUp ? 129 : 1);  // see ProduceGather / ProduceTiles
       MbarInit(&empty[s], kConsumerWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    if constexpr (!kUp) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&p.a_map))
+                   : "memory");
+    }
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&p.b_map)) : "memory");
   }
   __syncthreads();
   if (threadIdx.x < 128) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 88;");
-    Produce<kUp>(p, smem, full, empty);
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
+    if constexpr (kUp) {
+      ProduceGather<kStages>(p, SmemAddr(smem), full, empty);
+    } else if (threadIdx.x == 0) {
+      ProduceTiles<kStages>(p, SmemAddr(smem), full, empty);
+    }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 200;");
-    Consume<kUp>(p, smem, full, empty);
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
+    Consume<kUp>(p, SmemAddr(smem), full, empty);
   }
 #else
   __trap();  // MoeGemmAvailable() keeps the host from launching this
@@ -370,23 +483,47 @@ int MultiprocessorCount() {
   return count;
 }
 
-// The up kernel, then the down kernel, persistent grids of at most one CTA per SM.
-absl::Status LaunchPair(const KernelParams& up, const KernelParams& down, int64_t max_tiles,
-                        cudaStream_t stream) {
-  static const cudaError_t configured = [] {
-    const cudaError_t e = cudaFuncSetAttribute(
-        MoeGemmKernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e != cudaSuccess) return e;
-    return cudaFuncSetAttribute(MoeGemmKernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                kSmemBytes);
+// A row-major BF16 matrix [rows, cols] as a tensor map with boxes of box_rows x 64 and the
+// 128-byte swizzle. The driver's encoder is looked up once through the runtime (no libcuda link).
+absl::Status EncodeRows(CUtensorMap* map, const void* base, int64_t rows, int64_t cols,
+                        int box_rows) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      fn = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
+  if (encode == nullptr) {
+    return absl::FailedPreconditionError("moe_gemm: the driver has no cuTensorMapEncodeTiled");
+  }
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(__nv_bfloat16)};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r =
+      encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
+             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return absl::InternalError(absl::StrCat("moe_gemm: cuTensorMapEncodeTiled failed (", r,
+                                            ") for a [", rows, ", ", cols, "] matrix"));
+  }
+  return absl::OkStatus();
+}
+
+template <bool kUp>
+absl::Status Launch(const KernelParams& p, int64_t max_tiles, cudaStream_t stream) {
+  static const cudaError_t configured = cudaFuncSetAttribute(
+      MoeGemmKernel<kUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes(kUp));
   CUDA_RETURN_IF_ERROR(configured);
-  const int sms = MultiprocessorCount();
-  MoeGemmKernel<true><<<static_cast<int>(std::min<int64_t>(sms, max_tiles * up.n_tiles)), kThreads,
-                        kSmemBytes, stream>>>(up);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  MoeGemmKernel<false><<<static_cast<int>(std::min<int64_t>(sms, max_tiles * down.n_tiles)),
-                         kThreads, kSmemBytes, stream>>>(down);
+  const int grid =
+      static_cast<int>(std::min<int64_t>(MultiprocessorCount(), max_tiles * p.n_tiles));
+  MoeGemmKernel<kUp><<<grid, kThreads, SmemBytes(kUp), stream>>>(p);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
@@ -456,11 +593,11 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
                                                 tiles, num_tiles);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
-  KernelParams up;
-  up.a = static_cast<const __nv_bfloat16*>(a.x);
+  KernelParams up{};
+  up.x = static_cast<const __nv_bfloat16*>(a.x);
+  RETURN_IF_ERROR(EncodeRows(&up.b_map, a.w13, experts * 2 * a.expert_width, a.hidden, kBN / 2));
   up.token_idx = a.plan.token_idx;
-  up.b = static_cast<const __nv_bfloat16*>(a.w13);
-  up.b_rows_per_expert = 2 * a.expert_width;
+  up.b_rows_per_expert = static_cast<int32_t>(2 * a.expert_width);
   up.up_offset = static_cast<int32_t>(a.expert_width);
   up.k = static_cast<int32_t>(a.hidden);
   up.n_tiles = static_cast<int32_t>(a.expert_width / (kBN / 2));
@@ -468,11 +605,12 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   up.tiles = tiles;
   up.num_tiles = num_tiles;
   up.out = act;
-  KernelParams down;
-  down.a = act;
+  KernelParams down{};
+  RETURN_IF_ERROR(EncodeRows(&down.a_map, act, n, a.expert_width, kBM));
+  RETURN_IF_ERROR(EncodeRows(&down.b_map, a.w2, experts * a.hidden, a.expert_width, kBN));
+  down.x = nullptr;
   down.token_idx = nullptr;
-  down.b = static_cast<const __nv_bfloat16*>(a.w2);
-  down.b_rows_per_expert = a.hidden;
+  down.b_rows_per_expert = static_cast<int32_t>(a.hidden);
   down.up_offset = 0;
   down.k = static_cast<int32_t>(a.expert_width);
   down.n_tiles = static_cast<int32_t>(a.hidden / kBN);
@@ -480,7 +618,8 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   down.tiles = tiles;
   down.num_tiles = num_tiles;
   down.out = static_cast<__nv_bfloat16*>(a.expert_out);
-  return LaunchPair(up, down, max_tiles, stream);
+  RETURN_IF_ERROR((Launch<true>(up, max_tiles, stream)));
+  return Launch<false>(down, max_tiles, stream);
 }
 
 }  // namespace moeserve::cuda

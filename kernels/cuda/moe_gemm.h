@@ -6,9 +6,10 @@
 //   down: y[a]    = act[a] @ W2_e^T
 //
 // Both kernels are persistent and warp-specialized: one producer warpgroup streams 128-row tiles
-// of A (gathered through the plan's token_idx in the up kernel) and 256-row tiles of the expert's
-// weight into a 4-stage shared-memory ring (cp.async, 128-byte swizzle, mbarriers), two consumer
-// warpgroups multiply them with wgmma (m64n256k16, BF16 in, float32 accumulation). The up kernel's
+// of A (gathered through the plan's token_idx with cp.async in the up kernel, tensor copies in the
+// down kernel) and 256-row tiles of the expert's weight (tensor copies, TMA) into a shared-memory
+// ring (128-byte swizzle, mbarriers), two consumer warpgroups multiply them with wgmma
+// (m64n256k16, BF16 in, float32 accumulation). The up kernel's
 // 256 weight rows are 128 gate rows and the matching 128 up rows, so SwiGLU happens on the
 // accumulators and only the BF16 activation is written. Tiles never cross experts; a small kernel
 // turns the plan's expert_offsets into the list of (expert, first row, rows) tiles first.

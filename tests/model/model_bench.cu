@@ -22,6 +22,9 @@
 //    bandwidth.
 //
 // Usage: model_bench [--config model/configs/LLaDA2.0-mini-preview.json] [--layer-only]
+//                    [--sizes 32,256,1024,4096,16384] [--no-baselines]
+// --sizes picks the layer's token counts; --no-baselines times the fused layer alone (for quick
+// comparisons and for profiling its kernels).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -35,6 +38,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "kernels/cuda/expert_choice.h"
 #include "kernels/cuda/moe_dispatch.h"
 #include "kernels/cuda/moe_experts.h"
@@ -146,7 +151,8 @@ std::unique_ptr<Routed> Route(int64_t n, bool token_choice, double skew, double 
   return routed;
 }
 
-void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
+void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>& sizes,
+                   bool baselines) {
   LayerWeights w;
   w.w13 = RandomDevice(kExperts * 2 * kWidth * kHidden, DType::kBF16, 11, 0.03f);
   w.w2 = RandomDevice(kExperts * kHidden * kWidth, DType::kBF16, 12, 0.03f);
@@ -175,7 +181,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
   std::printf("routed experts: %s\n", fused ? "fused plan-reading kernels (moe_gemm.h), timed "
                                               "as a CUDA graph"
                                             : "cuBLAS path (no sm_90 GPU / sm_90a code), events");
-  for (int64_t n : {32, 256, 1024, 4096, 16384}) {
+  for (int64_t n : sizes) {
     DeviceBuffer x = RandomDevice(n * kHidden, DType::kBF16, 13);
     DeviceBuffer residual = RandomDevice(n * kHidden, DType::kF32, 14);
     DeviceBuffer out = Alloc(n * kHidden * 4);
@@ -227,6 +233,11 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil) {
               ? TimeGraphUs([&](cudaStream_t s) { layer(**graph_gemm, s, MoeExpertsPath::kAuto); },
                             20, graph_stream)
               : TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kAuto); });
+      if (!baselines) {
+        std::printf("%-24s %6lld %8lld %10.1f\n", m.name, static_cast<long long>(n),
+                    static_cast<long long>(r.touched_experts), us);
+        continue;
+      }
       const double unfused_us = TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kCublas); });
       // Baseline: one cuBLAS GEMM per expert, same gather / SwiGLU / combine kernels.
       DeviceBuffer xs = Alloc(a * kHidden * 2), gate_up = Alloc(a * 2 * kWidth * 2),
@@ -403,10 +414,24 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::string config = "model/configs/LLaDA2.0-mini-preview.json";
-  bool layer_only = false;
+  bool layer_only = false, baselines = true;
+  std::vector<int64_t> sizes = {32, 256, 1024, 4096, 16384};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
     if (std::strcmp(argv[i], "--layer-only") == 0) layer_only = true;
+    if (std::strcmp(argv[i], "--no-baselines") == 0) baselines = false;
+    if (std::strcmp(argv[i], "--sizes") == 0 && i + 1 < argc) {
+      sizes.clear();
+      for (absl::string_view part : absl::StrSplit(argv[++i], ',')) {
+        int64_t n = 0;
+        if (!absl::SimpleAtoi(part, &n) || n <= 0) {
+          std::fprintf(stderr, "model_bench: --sizes takes positive token counts, got '%s'\n",
+                       std::string(part).c_str());
+          return 2;
+        }
+        sizes.push_back(n);
+      }
+    }
   }
   cudaDeviceProp prop{};
   Check(cudaGetDeviceProperties(&prop, 0), "properties");
@@ -416,7 +441,7 @@ int main(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(nullptr);
     Check(gemm.status(), "gemm");
     const Ceilings ceil = MeasureCeilings(**gemm);
-    BenchMoeLayer(**gemm, ceil);
+    BenchMoeLayer(**gemm, ceil, sizes, baselines);
   }
   if (!layer_only) BenchForward(config);
   return 0;
