@@ -887,6 +887,9 @@ INSTANTIATE_TEST_SUITE_P(
       cases.push_back({"saturated_8000", 8000, 16, {8000}, false, false, 0, 5.0f, 30.0f});
       cases.push_back({"capacity_all_5000", 5000, 8, {5000}, false, false, 1});
       cases.push_back({"capacity_one_ties_6000", 6000, 8, {6000}, false, true, 2});
+      // Every logit in [1, 1.01): all keys share the first digit, so the first gathering
+      // overflows and the next digit's pass gathers and marks again.
+      cases.push_back({"narrow_range_16384", 16384, 8, {16384}, false, false, 0, 1.0f, 1.01f});
       return cases;
     }()));
 
