@@ -289,8 +289,8 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
   // The large shared-memory block marks keys in per-word bitmaps (steps 1 and 3).
   constexpr bool kBitmaps = kShared && kRadixThreads == kLargeRadixThreads;
   constexpr int kMaxWords = kBitmaps ? static_cast<int>(kSharedRadixMaxRows / kWarpSize) : 1;
-  extern __shared__ uint32_t column_keys[];  // [size] (kShared only)
-  __shared__ uint32_t hist[kBins];
+  extern __shared__ uint32_t column_keys[];       // [size] (kShared only)
+  __shared__ __align__(16) uint32_t hist[kBins];  // read 16 bytes at a time by the scans
   __shared__ uint32_t warp_a[kRadixWarps], warp_b[kRadixWarps];
   __shared__ uint32_t found_bin, found_above, found_count, only_key, key_lo, key_hi;
   // The keys still in the running after the first digit, when few (later passes read these).

@@ -22,6 +22,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <climits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
@@ -62,6 +63,9 @@ constexpr size_t SmemBytes(bool up) {
          2 * Stages(up) * sizeof(uint64_t);
 }
 static_assert(SmemBytes(true) <= 227 * 1024 && SmemBytes(false) <= 227 * 1024, "shared memory");
+// The up kernel's producer publishes a stage one stage late: with fewer than 3 stages it would
+// wait for a slot that only its own late arrival can free.
+static_assert(Stages(true) >= 3 && Stages(false) >= 2, "ring depth");
 constexpr int kMaxExperts = 1024;
 
 struct MoeTile {
@@ -560,8 +564,10 @@ bool MoeGemmAvailable() {
 }
 
 bool MoeGemmFits(int64_t num_experts, int64_t hidden, int64_t expert_width) {
+  // Weight rows are addressed with 32-bit tensor-copy coordinates.
   return num_experts >= 1 && num_experts <= kMaxExperts && hidden > 0 && hidden % kBN == 0 &&
-         expert_width > 0 && expert_width % (kBN / 2) == 0;
+         expert_width > 0 && expert_width % (kBN / 2) == 0 &&
+         num_experts * std::max(hidden, 2 * expert_width) <= INT32_MAX;
 }
 
 size_t MoeGemmWorkspaceBytes(int64_t num_assignments, int64_t num_experts, int64_t expert_width) {
@@ -575,7 +581,7 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   if (!MoeGemmFits(experts, a.hidden, a.expert_width)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "moe_gemm: ", experts, " experts, hidden ", a.hidden, ", expert width ", a.expert_width,
-        " do not fit the tiles (hidden % 256, width % 128, <= 1024 experts)"));
+        " do not fit the tiles (hidden % 256, width % 128, <= 1024 experts, < 2^31 weight rows)"));
   }
   if (a.workspace_bytes < MoeGemmWorkspaceBytes(n, experts, a.expert_width)) {
     return absl::InvalidArgumentError("moe_gemm: workspace too small");

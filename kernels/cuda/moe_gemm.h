@@ -14,7 +14,8 @@
 // accumulators and only the BF16 activation is written. Tiles never cross experts; a small kernel
 // turns the plan's expert_offsets into the list of (expert, first row, rows) tiles first.
 //
-// Shapes: hidden % 256 == 0, expert_width % 128 == 0, num_experts <= 1024 (MoeGemmFits).
+// Shapes: hidden % 256 == 0, expert_width % 128 == 0, num_experts <= 1024, fewer than 2^31 rows
+// in either weight matrix (MoeGemmFits).
 #pragma once
 
 #include <cuda_runtime_api.h>
