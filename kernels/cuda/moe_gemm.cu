@@ -1,15 +1,25 @@
-// Hopper kernels of moe_gemm.h. Layout of one CTA (384 threads, one per SM, persistent):
-//   warpgroup 0: producer. It waits for the consumers to free a stage of the ring, then fills it:
-//                B (the expert's weight rows) always by tensor copies (TMA, cp.async.bulk.tensor)
-//                that complete their bytes on the stage's full barrier. A:
-//                - down kernel: the activations are in assignment order, so one thread issues one
-//                  128-row tensor copy of A beside B's, and one arrival with the byte count;
+// Hopper kernels of moe_gemm.h. CTAs of 384 threads, one per SM, persistent, in clusters of two
+// that walk the same work units (WorkOf):
+//   - a pair unit: two row tiles of one expert (tile list slots 2 i, 2 i + 1) against the same
+//     column tile of its weights. Each CTA copies one of B's two 128-row boxes into both CTAs'
+//     shared memory (TMA multicast), so B leaves L2 once for 256 rows of A;
+//   - a single unit: an expert's odd last row tile against two column tiles, one per CTA, each
+//     copying all of its B itself.
+// Each CTA:
+//   warpgroup 0: producer. It waits until both CTAs' consumers have freed a stage of the ring (the
+//                peer writes into it too), then fills it:
+//                B always by tensor copies (TMA, cp.async.bulk.tensor) that complete their bytes
+//                on the stage's full barrier of every CTA they write to. A:
+//                - down kernel: the activations are in assignment order, so one thread issues
+//                  the tensor copies of A beside B's, and one arrival with the byte count. A single
+//                  unit's two CTAs share A: each copies one 64-row half to both;
 //                - up kernel: x rows gathered through the plan's token_idx by all 128 threads with
 //                  cp.async; each thread arrives once its copies for the stage have landed and are
 //                  fenced over to the async proxy (checked after issuing the next stage).
 //   warpgroups 1, 2: consumers, rows 0-63 and 64-127 of the A tile against all 256 rows of the B
 //                tile. They wait on full[s], run 4 wgmma k16 steps, and once the previous stage's
-//                wgmma has retired release it on empty[s - 1] (one arrival per consumer warp).
+//                wgmma has retired release it on empty[s - 1] of both CTAs (one arrival per
+//                consumer warp on each).
 // Shared-memory tiles are K-major with the 128-byte swizzle (16-byte chunk c of row r stored at
 // chunk c ^ (r % 8)), 1024-byte aligned, one 64-element K slab per stage; a wgmma descriptor
 // advances 32 bytes per k16 step inside the slab. The tensor copies write the same swizzle.
@@ -22,7 +32,9 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
@@ -68,11 +80,17 @@ static_assert(SmemBytes(true) <= 227 * 1024 && SmemBytes(false) <= 227 * 1024, "
 static_assert(Stages(true) >= 3 && Stages(false) >= 2, "ring depth");
 constexpr int kMaxExperts = 1024;
 
+// How a row tile shares its expert's weight tiles with the other CTA of its cluster: tiles 2 i and
+// 2 i + 1 of an expert form a pair (the two CTAs take one row tile each, same columns, and each
+// copies half of B to both); an expert's last tile, when its count is odd, is single (the two CTAs
+// take the same rows, different columns, each copies all of its own B).
+enum MoeTilePair : int32_t { kSingle = 0, kPairFirst = 1, kPairSecond = 2 };
+
 struct MoeTile {
   int32_t row_begin;  // first assignment of the tile
-  int32_t rows;       // 1..kBM
+  int32_t rows;       // 1..kBM (0: nothing to compute, see WorkOf)
   int32_t expert;
-  int32_t unused;
+  int32_t pair;       // MoeTilePair
 };
 
 // One block of kMaxExperts threads: thread e emits expert e's ceil(count / kBM) tiles at its
@@ -102,20 +120,26 @@ __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int n
   __syncthreads();
   const int32_t first = warp_total[warp] + incl - mine;
   for (int32_t i = 0; i < mine; ++i) {
-    tiles[first + i] = {begin + i * kBM, min(kBM, count - i * kBM), e, 0};
+    const int32_t pair = i % 2 == 1 ? kPairSecond : (i + 1 < mine ? kPairFirst : kSingle);
+    tiles[first + i] = {begin + i * kBM, min(kBM, count - i * kBM), e, pair};
   }
   if (e == blockDim.x - 1) *num_tiles = first + mine;
 }
 
 struct KernelParams {
-  CUtensorMap a_map;  // down: act [assignments, k], 128-row boxes (up: unused)
-  CUtensorMap b_map;  // the weights [experts * b_rows_per_expert, k]; up: 128-row boxes, down: 256
+  CUtensorMap a_map;  // down: act [assignments, k], 64-row boxes (up: unused)
+  CUtensorMap b_map;  // the weights [experts * b_rows_per_expert, k], 128-row boxes
   const __nv_bfloat16* x;    // up: [tokens, k], gathered with cp.async; down: null
   const int32_t* token_idx;  // up: the plan's token_idx; down: null (rows are assignments)
   int32_t b_rows_per_expert;
-  int32_t up_offset;  // up: expert_width (row of the first up row); down: 0
+  // A column tile's B is two 128-row boxes: rows b_row and b_row + b_box1_offset, where b_row =
+  // expert * b_rows_per_expert + column tile * b_tile_step. Up: the gate rows and the matching up
+  // rows (offset expert_width, step 128); down: 256 consecutive rows (offset 128, step 256).
+  int32_t b_box1_offset;
+  int32_t b_tile_step;
   int32_t k;          // multiple of kBK
   int32_t n_tiles;    // output column tiles per row tile
+  int32_t cluster;    // CTAs per cluster: 2 (units of WorkOf) or 1 (one tile x column per unit)
   int32_t out_cols;   // up: expert_width; down: hidden
   const MoeTile* tiles;
   const int32_t* num_tiles;
@@ -159,6 +183,35 @@ __device__ __forceinline__ void TmaLoad(uint32_t dst, const CUtensorMap* map, in
       " [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddr(bar))
       : "memory");
+}
+// The same box into this offset of every CTA of the cluster in `mask`, completing bytes on each
+// one's barrier at `bar`'s offset.
+__device__ __forceinline__ void TmaLoadMulticast(uint32_t dst, const CUtensorMap* map, int32_t c0,
+                                                 int32_t c1, uint64_t* bar, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(SmemAddr(bar)), "h"(mask)
+      : "memory");
+}
+__device__ __forceinline__ uint32_t ClusterRank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+// A shared-memory address of this CTA as the same offset in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t PeerAddr(uint32_t addr, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(addr), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void MbarArrivePeer(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(cluster_addr) : "memory");
+}
+// Every thread of both CTAs: barrier inits visible cluster-wide before use, and no CTA leaves
+// while its peer may still arrive on its barriers.
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 }
 // Every cp.async group but the newest kPending has landed: make their writes visible to the
 // async proxy that wgmma reads through (each writing thread fences its own writes).
@@ -223,24 +276,82 @@ __device__ __forceinline__ void FenceOperands(float (&d)[128]) {
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Work unit u of a cluster (the two CTAs walk the same units): each tile-list slot b owns
+// h = ceil(n_tiles / 2) units. A pair's 2 h units (slots b0, b0 + 1) are its column tiles, the
+// CTA of rank r taking row tile b0 + r; a single tile's h units are column pairs, rank r taking
+// column 2 q + r. A column past the end (odd n_tiles) leaves the CTA rows = 0 on a valid column:
+// it copies and passes stages like the others but computes and stores nothing.
+struct TileWork {
+  MoeTile mt;
+  int nt;        // output column tile
+  bool share_b;  // a pair: this CTA copies B box `rank` to both CTAs
+  bool share_a;  // a single unit: both CTAs read the same A rows
+};
+__device__ __forceinline__ int UnitCount(const KernelParams& p) {
+  return *p.num_tiles * (p.cluster == 2 ? (p.n_tiles + 1) / 2 : p.n_tiles);
+}
+__device__ __forceinline__ TileWork WorkOf(const KernelParams& p, int u, uint32_t rank) {
+  if (p.cluster == 1) return {p.tiles[u / p.n_tiles], u % p.n_tiles, false, false};
+  const int h = (p.n_tiles + 1) / 2;
+  const int b = u / h, q = u % h;
+  TileWork w{p.tiles[b], 0, false, false};
+  if (w.mt.pair == kSingle) {
+    w.nt = 2 * q + static_cast<int>(rank);
+    w.share_a = true;
+  } else {
+    const int b0 = w.mt.pair == kPairFirst ? b : b - 1;
+    w.nt = (b - b0) * h + q;
+    w.mt = p.tiles[b0 + rank];
+    w.share_b = true;
+  }
+  if (w.nt >= p.n_tiles) {
+    w.nt = p.n_tiles - 1;
+    w.mt.rows = 0;
+  }
+  return w;
+}
+__device__ __forceinline__ int32_t BRow(const KernelParams& p, const TileWork& w) {
+  return w.mt.expert * p.b_rows_per_expert + w.nt * p.b_tile_step;
+}
+// B's two 128-row boxes of K slab kt into sb: a pair's CTA copies its box to both CTAs, a single
+// tile's copies both boxes to itself. Either way every CTA's barrier receives kBTileBytes.
+__device__ __forceinline__ void LoadB(const KernelParams& p, const TileWork& w, uint32_t rank,
+                                      int32_t b_row, int kt, uint32_t sb, uint64_t* bar) {
+  if (w.share_b) {
+    TmaLoadMulticast(sb + rank * (kBTileBytes / 2), &p.b_map, kt * kBK,
+                     b_row + static_cast<int32_t>(rank) * p.b_box1_offset, bar, 0x3);
+  } else {
+    TmaLoad(sb, &p.b_map, kt * kBK, b_row, bar);
+    TmaLoad(sb + kBTileBytes / 2, &p.b_map, kt * kBK, b_row + p.b_box1_offset, bar);
+  }
+}
+
 // The down kernel's producer: one thread, tensor copies only. Stage s is full once its one
 // arrival (with the byte count) is in and the copies' bytes have landed.
 template <int kStages>
 __device__ __forceinline__ void ProduceTiles(const KernelParams& p, uint32_t smem_base,
                                              uint64_t* full, uint64_t* empty) {
-  const int total = *p.num_tiles * p.n_tiles;
+  const uint32_t rank = ClusterRank();
+  const int total = UnitCount(p);
   const int k_tiles = p.k / kBK;
   int it = 0;
-  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const MoeTile mt = p.tiles[tile / p.n_tiles];
-    const int32_t b_row = mt.expert * p.b_rows_per_expert + (tile % p.n_tiles) * kBN;
+  for (int u = blockIdx.x / p.cluster; u < total; u += gridDim.x / p.cluster) {
+    const TileWork w = WorkOf(p, u, rank);
+    const int32_t b_row = BRow(p, w);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int stage = it % kStages;
       MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
       const uint32_t sa = smem_base + stage * kStageBytes;
       MbarArriveExpectBytes(&full[stage], kStageBytes);
-      TmaLoad(sa, &p.a_map, kt * kBK, mt.row_begin, &full[stage]);
-      TmaLoad(sa + kATileBytes, &p.b_map, kt * kBK, b_row, &full[stage]);
+      if (w.share_a) {  // each CTA copies one half of the rows to both
+        TmaLoadMulticast(sa + rank * (kATileBytes / 2), &p.a_map, kt * kBK,
+                         w.mt.row_begin + static_cast<int32_t>(rank) * (kBM / 2), &full[stage],
+                         0x3);
+      } else {
+        TmaLoad(sa, &p.a_map, kt * kBK, w.mt.row_begin, &full[stage]);
+        TmaLoad(sa + kATileBytes / 2, &p.a_map, kt * kBK, w.mt.row_begin + kBM / 2, &full[stage]);
+      }
+      LoadB(p, w, rank, b_row, kt, sa + kATileBytes, &full[stage]);
     }
   }
 }
@@ -259,11 +370,13 @@ __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t sm
   const int chunk = t % kChunks, row0 = t / kChunks;
   // Rows row0 + kRowStep i all sit at the same place in the swizzle pattern.
   const uint32_t swz = static_cast<uint32_t>((chunk ^ (row0 % 8)) * 16);
-  const int total = *p.num_tiles * p.n_tiles;
+  const uint32_t rank = ClusterRank();
+  const int total = UnitCount(p);
   const int k_tiles = p.k / kBK;
   int it = 0;
-  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const MoeTile mt = p.tiles[tile / p.n_tiles];
+  for (int u = blockIdx.x / p.cluster; u < total; u += gridDim.x / p.cluster) {
+    const TileWork w = WorkOf(p, u, rank);
+    const MoeTile& mt = w.mt;
     const __nv_bfloat16* a_row[kRows];
     uint32_t a_bytes[kRows];
 #pragma unroll
@@ -273,15 +386,14 @@ __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t sm
       a_row[i] = p.x + (valid ? int64_t{p.token_idx[mt.row_begin + r]} : 0) * p.k + chunk * 8;
       a_bytes[i] = valid ? 16 : 0;
     }
-    const int32_t b_row = mt.expert * p.b_rows_per_expert + (tile % p.n_tiles) * (kBN / 2);
+    const int32_t b_row = BRow(p, w);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int stage = it % kStages;
       MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
       const uint32_t sa = smem_base + stage * kStageBytes, sb = sa + kATileBytes;
       if (t == 0) {
         MbarArriveExpectBytes(&full[stage], kBTileBytes);
-        TmaLoad(sb, &p.b_map, kt * kBK, b_row, &full[stage]);
-        TmaLoad(sb + kBTileBytes / 2, &p.b_map, kt * kBK, b_row + p.up_offset, &full[stage]);
+        LoadB(p, w, rank, b_row, kt, sb, &full[stage]);
       }
       const uint32_t dst = sa + row0 * kRowBytes + swz;
 #pragma unroll
@@ -381,20 +493,31 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
   const int cw = ct / 128;           // consumer warpgroup: A rows 64 cw ..
   const int warp = (ct % 128) / kWarpSize, lane = ct % kWarpSize;
   const uint32_t staging = smem_base + kStages * kStageBytes + (ct / kWarpSize) * kStagingWarpBytes;
-  const int total = *p.num_tiles * p.n_tiles;
+  const uint32_t rank = ClusterRank();
+  // A stage is free once both CTAs' consumers are done with it: the peer's producer writes into
+  // this CTA's stage too (its half of B).
+  const uint32_t peer_empty = p.cluster == 2 ? PeerAddr(SmemAddr(empty), rank ^ 1) : 0;
+  auto release = [&](int stage) {
+    if (lane == 0) {
+      MbarArrive(&empty[stage]);
+      if (p.cluster == 2) MbarArrivePeer(peer_empty + stage * sizeof(uint64_t));
+    }
+  };
+  const int total = UnitCount(p);
   const int k_tiles = p.k / kBK;
   float acc[128];
   int it = 0;
-  for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    const MoeTile mt = p.tiles[tile / p.n_tiles];
-    const int nt = tile % p.n_tiles;
+  for (int u = blockIdx.x / p.cluster; u < total; u += gridDim.x / p.cluster) {
+    const TileWork w = WorkOf(p, u, rank);
+    const MoeTile& mt = w.mt;
+    const int nt = w.nt;
     if (cw * 64 >= mt.rows) {
-      // No rows for this warpgroup (a tile of <= 64 rows): pass the stages through and leave the
-      // tensor cores to the other one.
+      // No rows for this warpgroup (a tile of <= 64 rows, or none): pass the stages through and
+      // leave the tensor cores to the other one.
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int stage = it % kStages;
         MbarWait(&full[stage], (it / kStages) & 1);
-        if (lane == 0) MbarArrive(&empty[stage]);
+        release(stage);
       }
       continue;
     }
@@ -412,13 +535,13 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
       if (kt > 0) {
         asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
         FenceOperands(acc);
-        if (lane == 0) MbarArrive(&empty[prev_stage]);
+        release(prev_stage);
       }
       prev_stage = stage;
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
     FenceOperands(acc);
-    if (lane == 0) MbarArrive(&empty[prev_stage]);
+    release(prev_stage);
 
     const int warp_row0 = cw * 64 + warp * 16;
     if constexpr (kStaged) {
@@ -445,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       MbarInit(&full[s], kUp ? 129 : 1);  // see ProduceGather / ProduceTiles
-      MbarInit(&empty[s], kConsumerWarps);
+      MbarInit(&empty[s], p.cluster * kConsumerWarps);  // this CTA's consumer warps, the peer's
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     if constexpr (!kUp) {
@@ -454,7 +577,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&p.b_map)) : "memory");
   }
-  __syncthreads();
+  ClusterSync();
   if (threadIdx.x < 128) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 56;");
     if constexpr (kUp) {
@@ -466,6 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
     Consume<kUp>(p, SmemAddr(smem), full, empty);
   }
+  ClusterSync();
 #else
   __trap();  // MoeGemmAvailable() keeps the host from launching this
 #endif
@@ -522,15 +646,47 @@ absl::Status EncodeRows(CUtensorMap* map, const void* base, int64_t rows, int64_
   return absl::OkStatus();
 }
 
+std::atomic<int> g_sms_used{0};
+
+int MaxActiveClusters(void (*kernel)(KernelParams), const cudaLaunchConfig_t& config) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+// Clusters of two CTAs (one per SM), as many as fit at once: the kernels are persistent, so a
+// cluster that had to wait for a free pair of SMs would run its units after everyone else.
 template <bool kUp>
-absl::Status Launch(const KernelParams& p, int64_t max_tiles, cudaStream_t stream) {
+absl::Status Launch(KernelParams p, int64_t max_tiles, cudaStream_t stream) {
   static const cudaError_t configured = cudaFuncSetAttribute(
       MoeGemmKernel<kUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes(kUp));
   CUDA_RETURN_IF_ERROR(configured);
-  const int grid =
-      static_cast<int>(std::min<int64_t>(MultiprocessorCount(), max_tiles * p.n_tiles));
-  MoeGemmKernel<kUp><<<grid, kThreads, SmemBytes(kUp), stream>>>(p);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  const char* env = std::getenv("MOESERVE_MOE_CLUSTER");
+  p.cluster = env != nullptr && env[0] == '1' ? 1 : 2;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = p.cluster;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(2 * MultiprocessorCount());
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = SmemBytes(kUp);
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  static const int max_clusters = MaxActiveClusters(MoeGemmKernel<kUp>, config);
+  if (max_clusters < 1) {
+    return absl::InternalError("moe_gemm: no cluster of two CTAs fits on this GPU");
+  }
+  g_sms_used.store(p.cluster * max_clusters, std::memory_order_relaxed);
+  const int64_t units = max_tiles * (p.cluster == 2 ? (p.n_tiles + 1) / 2 : p.n_tiles);
+  config.gridDim =
+      dim3(static_cast<unsigned>(p.cluster * std::min<int64_t>(max_clusters, units)));
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MoeGemmKernel<kUp>, p));
   return absl::OkStatus();
 }
 
@@ -562,6 +718,8 @@ bool MoeGemmAvailable() {
   }();
   return available;
 }
+
+int MoeGemmSmsUsed() { return g_sms_used.load(std::memory_order_relaxed); }
 
 bool MoeGemmFits(int64_t num_experts, int64_t hidden, int64_t expert_width) {
   // Weight rows are addressed with 32-bit tensor-copy coordinates.
@@ -606,7 +764,8 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   RETURN_IF_ERROR(EncodeRows(&up.b_map, a.w13, experts * 2 * a.expert_width, a.hidden, kBN / 2));
   up.token_idx = a.plan.token_idx;
   up.b_rows_per_expert = static_cast<int32_t>(2 * a.expert_width);
-  up.up_offset = static_cast<int32_t>(a.expert_width);
+  up.b_box1_offset = static_cast<int32_t>(a.expert_width);
+  up.b_tile_step = kBN / 2;
   up.k = static_cast<int32_t>(a.hidden);
   up.n_tiles = static_cast<int32_t>(a.expert_width / (kBN / 2));
   up.out_cols = static_cast<int32_t>(a.expert_width);
@@ -614,12 +773,13 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   up.num_tiles = num_tiles;
   up.out = act;
   KernelParams down{};
-  RETURN_IF_ERROR(EncodeRows(&down.a_map, act, n, a.expert_width, kBM));
-  RETURN_IF_ERROR(EncodeRows(&down.b_map, a.w2, experts * a.hidden, a.expert_width, kBN));
+  RETURN_IF_ERROR(EncodeRows(&down.a_map, act, n, a.expert_width, kBM / 2));
+  RETURN_IF_ERROR(EncodeRows(&down.b_map, a.w2, experts * a.hidden, a.expert_width, kBN / 2));
   down.x = nullptr;
   down.token_idx = nullptr;
   down.b_rows_per_expert = static_cast<int32_t>(a.hidden);
-  down.up_offset = 0;
+  down.b_box1_offset = kBN / 2;
+  down.b_tile_step = kBN;
   down.k = static_cast<int32_t>(a.expert_width);
   down.n_tiles = static_cast<int32_t>(a.hidden / kBN);
   down.out_cols = static_cast<int32_t>(a.hidden);

@@ -9,7 +9,8 @@
 // of A (gathered through the plan's token_idx with cp.async in the up kernel, tensor copies in the
 // down kernel) and 256-row tiles of the expert's weight (tensor copies, TMA) into a shared-memory
 // ring (128-byte swizzle, mbarriers), two consumer warpgroups multiply them with wgmma
-// (m64n256k16, BF16 in, float32 accumulation). The up kernel's
+// (m64n256k16, BF16 in, float32 accumulation). The CTAs run in clusters of two: two row tiles of
+// one expert share each weight tile, which one TMA multicast brings to both. The up kernel's
 // 256 weight rows are 128 gate rows and the matching 128 up rows, so SwiGLU happens on the
 // accumulators and only the BF16 activation is written. Tiles never cross experts; a small kernel
 // turns the plan's expert_offsets into the list of (expert, first row, rows) tiles first.
@@ -43,6 +44,9 @@ struct MoeGemmArgs {
 // True when this process can run the kernels: the current device is sm_90 and the binary carries
 // sm_90a code for them. Cached after the first call.
 bool MoeGemmAvailable();
+// The SMs the kernels run on: two per cluster, as many clusters as the GPU holds at once (a GPC
+// with an odd number of SMs leaves one out). 0 before the first launch.
+int MoeGemmSmsUsed();
 // True when the shapes fit the tiles (see above).
 bool MoeGemmFits(int64_t num_experts, int64_t hidden, int64_t expert_width);
 // The tile list and the BF16 activations [num_assignments, expert_width].

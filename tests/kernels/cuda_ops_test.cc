@@ -1253,7 +1253,12 @@ INSTANTIATE_TEST_SUITE_P(Grid, MoeExpertsTest,
                                            MoeCase{700, 8, 512, 256, 300, DType::kBF16, true},
                                            MoeCase{40, 300, 256, 128, 2, DType::kBF16, false},
                                            MoeCase{1, 8, 256, 128, 8, DType::kBF16, false},
-                                           MoeCase{520, 4, 768, 384, 4, DType::kBF16, false}));
+                                           MoeCase{520, 4, 768, 384, 4, DType::kBF16, false},
+                                           // Even column-tile counts (as in the mini) and experts
+                                           // of 5-7 row tiles: tile pairs sharing B across the
+                                           // cluster, and a single last tile split by columns.
+                                           MoeCase{1000, 4, 512, 256, 3, DType::kBF16, false},
+                                           MoeCase{1200, 16, 1024, 512, 8, DType::kBF16, false}));
 
 // On a Hopper GPU the mini shape takes the fused kernels: the grid above then tests them.
 TEST(MoeExpertsTest, FusedPathOnHopper) {

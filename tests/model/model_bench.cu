@@ -43,6 +43,7 @@
 #include "kernels/cuda/expert_choice.h"
 #include "kernels/cuda/moe_dispatch.h"
 #include "kernels/cuda/moe_experts.h"
+#include "kernels/cuda/moe_gemm.h"
 #include "kernels/cuda/routing_plan.h"
 #include "kernels/cuda/swiglu.h"
 #include "kernels/cuda/token_choice.h"
@@ -294,6 +295,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
   }
   graph_gemm->reset();
   Check(cudaStreamDestroy(graph_stream), "stream");
+  if (fused) std::printf("fused kernels ran on %d SMs (clusters of 2)\n", MoeGemmSmsUsed());
   std::printf("\n");
 }
 
