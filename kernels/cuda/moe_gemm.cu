@@ -89,7 +89,7 @@ struct MoeTile {
   int32_t row_begin;  // first assignment of the tile
   int32_t rows;       // 1..kBM (0: nothing to compute, see WorkOf)
   int32_t expert;
-  int32_t pair;       // MoeTilePair
+  int32_t pair;  // MoeTilePair
 };
 
 // One block of kMaxExperts threads: thread e emits expert e's ceil(count / kBM) tiles at its
@@ -126,8 +126,8 @@ __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int n
 }
 
 struct KernelParams {
-  CUtensorMap a_map;  // down: act [assignments, k], 64-row boxes (up: unused)
-  CUtensorMap b_map;  // the weights [experts * b_rows_per_expert, k], 128-row boxes
+  CUtensorMap a_map;         // down: act [assignments, k], 64-row boxes (up: unused)
+  CUtensorMap b_map;         // the weights [experts * b_rows_per_expert, k], 128-row boxes
   const __nv_bfloat16* x;    // up: [tokens, k], gathered with cp.async; down: null
   const int32_t* token_idx;  // up: the plan's token_idx; down: null (rows are assignments)
   int32_t b_rows_per_expert;
@@ -136,9 +136,9 @@ struct KernelParams {
   // rows (offset expert_width, step 128); down: 256 consecutive rows (offset 128, step 256).
   int32_t b_box1_offset;
   int32_t b_tile_step;
-  int32_t k;          // multiple of kBK
-  int32_t n_tiles;    // output column tiles per row tile
-  int32_t out_cols;   // up: expert_width; down: hidden
+  int32_t k;         // multiple of kBK
+  int32_t n_tiles;   // output column tiles per row tile
+  int32_t out_cols;  // up: expert_width; down: hidden
   const MoeTile* tiles;
   const int32_t* num_tiles;
   __nv_bfloat16* out;  // [assignments, out_cols]
@@ -568,7 +568,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = full + kStages;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      MbarInit(&full[s], kUp ? 129 : 1);  // see ProduceGather / ProduceTiles
+      MbarInit(&full[s], kUp ? 129 : 1);        // see ProduceGather / ProduceTiles
       MbarInit(&empty[s], 2 * kConsumerWarps);  // this CTA's consumer warps and the peer's
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
