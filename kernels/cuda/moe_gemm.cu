@@ -311,6 +311,13 @@ __device__ __forceinline__ TileWork WorkOf(const KernelParams& p, int u, uint32_
   }
   return w;
 }
+// Calls fn(work) for each unit of this CTA's cluster, in order. (Loading the next unit's tile
+// ahead of the current unit's work measured no faster.)
+template <typename Fn>
+__device__ __forceinline__ void ForEachUnit(const KernelParams& p, uint32_t rank, Fn&& fn) {
+  const int total = UnitCount(p);
+  for (int u = blockIdx.x / 2; u < total; u += gridDim.x / 2) fn(WorkOf(p, u, rank));
+}
 __device__ __forceinline__ int32_t BRow(const KernelParams& p, const TileWork& w) {
   return w.mt.expert * p.b_rows_per_expert + w.nt * p.b_tile_step;
 }
@@ -333,11 +340,9 @@ template <int kStages>
 __device__ __forceinline__ void ProduceTiles(const KernelParams& p, uint32_t smem_base,
                                              uint64_t* full, uint64_t* empty) {
   const uint32_t rank = ClusterRank();
-  const int total = UnitCount(p);
   const int k_tiles = p.k / kBK;
   int it = 0;
-  for (int u = blockIdx.x / 2; u < total; u += gridDim.x / 2) {
-    const TileWork w = WorkOf(p, u, rank);
+  ForEachUnit(p, rank, [&](const TileWork& w) {
     const int32_t b_row = BRow(p, w);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int stage = it % kStages;
@@ -354,7 +359,7 @@ __device__ __forceinline__ void ProduceTiles(const KernelParams& p, uint32_t sme
       }
       LoadB(p, w, rank, b_row, kt, sa + kATileBytes, &full[stage]);
     }
-  }
+  });
 }
 
 // The up kernel's producer: the whole warpgroup. B (128 gate rows, then the matching 128 up rows)
@@ -372,11 +377,9 @@ __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t sm
   // Rows row0 + kRowStep i all sit at the same place in the swizzle pattern.
   const uint32_t swz = static_cast<uint32_t>((chunk ^ (row0 % 8)) * 16);
   const uint32_t rank = ClusterRank();
-  const int total = UnitCount(p);
   const int k_tiles = p.k / kBK;
   int it = 0;
-  for (int u = blockIdx.x / 2; u < total; u += gridDim.x / 2) {
-    const TileWork w = WorkOf(p, u, rank);
+  ForEachUnit(p, rank, [&](const TileWork& w) {
     const MoeTile& mt = w.mt;
     const __nv_bfloat16* a_row[kRows];
     uint32_t a_bytes[kRows];
@@ -407,7 +410,7 @@ __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t sm
         MbarArrive(&full[(it - 1) % kStages]);
       }
     }
-  }
+  });
   LandedAndFenced<0>();
   if (it > 0) MbarArrive(&full[(it - 1) % kStages]);
 }
@@ -504,12 +507,10 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
       MbarArrivePeer(peer_empty + stage * sizeof(uint64_t));
     }
   };
-  const int total = UnitCount(p);
   const int k_tiles = p.k / kBK;
   float acc[128];
   int it = 0;
-  for (int u = blockIdx.x / 2; u < total; u += gridDim.x / 2) {
-    const TileWork w = WorkOf(p, u, rank);
+  ForEachUnit(p, rank, [&](const TileWork& w) {
     const MoeTile& mt = w.mt;
     const int nt = w.nt;
     if (cw * 64 >= mt.rows) {
@@ -520,7 +521,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
         MbarWait(&full[stage], (it / kStages) & 1);
         release(stage);
       }
-      continue;
+      return;
     }
     int prev_stage = 0;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
@@ -550,7 +551,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     } else {
       StoreDirect<kUp>(p, mt, nt, warp_row0, acc);
     }
-  }
+  });
   if constexpr (kStaged) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 #endif  // MOESERVE_SM90A

@@ -1,4 +1,5 @@
 // Device routing plan: marking, per-expert prefix sums, per-token passes. See routing_plan.h.
+#include <algorithm>
 #include <climits>
 #include <vector>
 
@@ -13,7 +14,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kScanThreads = 1024;
-constexpr int kRowWarpsPerBlock = 8;
+constexpr int kRowWarpsPerBlock = 16;
 constexpr size_t kAlign = 256;
 constexpr int64_t kMaxPlanExperts = 4096;
 
@@ -37,12 +38,12 @@ class Carver {
   size_t used_ = 0;
 };
 
+// bitmap and row_info come first: one memset clears both.
 struct Workspace {
-  uint32_t* bitmap;        // [num_experts, words]: bit t of expert e set iff (t, e) is selected
-  int32_t* word_prefix;    // [num_experts, words]: set bits of the expert's earlier words
-  int32_t* row_info;       // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
-  float* denom;            // [num_tokens]: expert-choice renormalization denominators
-  int32_t* chunk_offsets;  // [token chunks + 1]: the token scan's per-chunk prefix
+  uint32_t* bitmap;      // [num_experts, words]: bit t of expert e set iff (t, e) is selected
+  int32_t* row_info;     // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
+  size_t cleared_bytes;  // bitmap through row_info
+  int32_t* word_prefix;  // [num_experts, words]: set bits of the expert's earlier words
 };
 
 Workspace CarveWorkspace(void* base, int64_t num_tokens, int64_t num_experts, size_t* used) {
@@ -50,10 +51,9 @@ Workspace CarveWorkspace(void* base, int64_t num_tokens, int64_t num_experts, si
   Carver c(base);
   Workspace w;
   w.bitmap = c.Take<uint32_t>(num_experts * words);
-  w.word_prefix = c.Take<int32_t>(num_experts * words);
   w.row_info = c.Take<int32_t>(num_tokens);
-  w.denom = c.Take<float>(num_tokens);
-  w.chunk_offsets = c.Take<int32_t>(CeilDiv(num_tokens, kScanThreads) + 1);
+  w.cleared_bytes = c.used();
+  w.word_prefix = c.Take<int32_t>(num_experts * words);
   *used = c.used();
   return w;
 }
@@ -71,33 +71,32 @@ __global__ void MarkTokenChoiceKernel(const int32_t* __restrict__ rows, int64_t 
   if (idx % topk == 0) row_info[row] = -static_cast<int32_t>(i + 1);
 }
 
+// Thread idx < count marks selection idx (expert idx / total_capacity); thread p < the scopes' row
+// count sets row_info[row] = scope + 1 for the scope's p-th row (a binary search finds the scope).
 __global__ void MarkExpertChoiceKernel(const int32_t* __restrict__ selected, int64_t total_capacity,
-                                       int64_t count, int64_t words,
-                                       uint32_t* __restrict__ bitmap) {
+                                       int64_t count, int64_t words, uint32_t* __restrict__ bitmap,
+                                       const int32_t* __restrict__ row_offsets,
+                                       const int32_t* __restrict__ rows, int64_t num_scopes,
+                                       int32_t* __restrict__ row_info) {
   const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (idx >= count) return;
-  const int64_t e = idx / total_capacity;
-  const int32_t row = selected[idx];
-  atomicOr(&bitmap[e * words + row / kWarpSize], 1u << (row % kWarpSize));
-}
-
-// row_info[row] = scope + 1 for every row of every scope (a binary search finds the scope).
-__global__ void MarkScopeRowsKernel(const int32_t* __restrict__ row_offsets,
-                                    const int32_t* __restrict__ rows, int64_t num_scopes,
-                                    int32_t* __restrict__ row_info) {
-  const int64_t p = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (p >= row_offsets[num_scopes]) return;
-  int64_t lo = 0, hi = num_scopes;  // row_offsets[lo] <= p < row_offsets[hi]
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (row_offsets[mid] <= p) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
+  if (idx < count) {
+    const int64_t e = idx / total_capacity;
+    const int32_t row = selected[idx];
+    atomicOr(&bitmap[e * words + row / kWarpSize], 1u << (row % kWarpSize));
   }
-  const int32_t row = rows != nullptr ? rows[p] : static_cast<int32_t>(p);
-  row_info[row] = static_cast<int32_t>(lo + 1);
+  if (idx < row_offsets[num_scopes]) {
+    int64_t lo = 0, hi = num_scopes;  // row_offsets[lo] <= idx < row_offsets[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (row_offsets[mid] <= idx) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    const int32_t row = rows != nullptr ? rows[idx] : static_cast<int32_t>(idx);
+    row_info[row] = static_cast<int32_t>(lo + 1);
+  }
 }
 
 // One block per expert: word_prefix of its bitmap row, and its count in expert_offsets[e + 1].
@@ -118,39 +117,40 @@ __global__ void ExpertPrefixKernel(const uint32_t* __restrict__ bitmap, int64_t 
   if (threadIdx.x == 0) expert_offsets[e + 1] = carry;
 }
 
-// offsets[1..n] hold counts; turns them into the CSR index offsets[0..n] (one block).
-__global__ void InPlaceOffsetsKernel(int32_t* offsets, int64_t n) {
-  __shared__ int scratch[kWarpSize];
+// offsets[1..n] hold counts; turns them into the CSR index offsets[0..n]. One block; each thread
+// takes kItems consecutive counts per round.
+__device__ __forceinline__ void ScanInPlace(int32_t* offsets, int64_t n, int* scratch) {
+  constexpr int kItems = 8;
   int carry = 0;
-  for (int64_t base = 0; base < n; base += blockDim.x) {
-    const int64_t i = base + threadIdx.x;
-    const int count = i < n ? offsets[i + 1] : 0;
+  for (int64_t base = 0; base < n; base += int64_t{kItems} * blockDim.x) {
+    const int64_t first = base + int64_t{threadIdx.x} * kItems;
+    int count[kItems], sum = 0;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      count[i] = first + i < n ? offsets[first + i + 1] : 0;
+      sum += count[i];
+    }
     int total;
-    const int before = BlockExclusiveScan(count, scratch, &total);
-    if (i < n) offsets[i + 1] = carry + before + count;
+    int running = carry + BlockExclusiveScan(sum, scratch, &total);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      running += count[i];
+      if (first + i < n) offsets[first + i + 1] = running;
+    }
     carry += total;
   }
   if (threadIdx.x == 0) offsets[0] = 0;
 }
 
-// offsets[1..n] hold counts: scans each chunk of kScanThreads in place (inclusive, chunk-local)
-// and leaves chunk b's total in chunk_offsets[b + 1].
-__global__ void ChunkScanKernel(int32_t* offsets, int64_t n, int32_t* chunk_offsets) {
+// Block 0 scans the experts' counts, block 1 the tokens'.
+__global__ void ScanOffsetsKernel(int32_t* expert_offsets, int64_t num_experts,
+                                  int32_t* token_offsets, int64_t num_tokens) {
   __shared__ int scratch[kWarpSize];
-  const int64_t i = blockIdx.x * static_cast<int64_t>(kScanThreads) + threadIdx.x;
-  const int count = i < n ? offsets[i + 1] : 0;
-  int total;
-  const int before = BlockExclusiveScan(count, scratch, &total);
-  if (i < n) offsets[i + 1] = before + count;
-  if (threadIdx.x == 0) chunk_offsets[blockIdx.x + 1] = total;
-}
-
-// Adds each chunk's prefix: offsets becomes the CSR index offsets[0..n].
-__global__ void AddChunkOffsetsKernel(int32_t* offsets, int64_t n,
-                                      const int32_t* __restrict__ chunk_offsets) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n) offsets[i + 1] += chunk_offsets[i / kScanThreads];
-  if (i == 0) offsets[0] = 0;
+  if (blockIdx.x == 0) {
+    ScanInPlace(expert_offsets, num_experts, scratch);
+  } else {
+    ScanInPlace(token_offsets, num_tokens, scratch);
+  }
 }
 
 struct RowPassParams {
@@ -160,7 +160,6 @@ struct RowPassParams {
   const uint32_t* bitmap;
   const int32_t* word_prefix;
   const int32_t* row_info;
-  float* denom;
   // Token-choice selections.
   int topk;
   const int32_t* topk_idx;
@@ -179,8 +178,8 @@ struct RowPassParams {
 
 // One block per 32 tokens (one bitmap word): the block stages that word of every expert's bitmap
 // (and, in pass 2, every expert's base position for these tokens) in shared memory; then a warp
-// per token walks its experts in ascending order, 32 at a time. Pass 1 (kWrite false) counts them
-// and sums expert-choice denominators in that order; pass 2 writes the plan.
+// per token walks its experts in ascending order, 32 at a time. Pass 1 (kWrite false) counts them;
+// pass 2 sums expert-choice denominators in that order and writes the plan.
 template <bool kWrite>
 __global__ void RowPassKernel(RowPassParams p) {
   extern __shared__ uint32_t staged[];  // bits [num_experts], then (pass 2) base [num_experts]
@@ -218,38 +217,72 @@ __global__ void RowPassKernel(RowPassParams p) {
       continue;
     }
     const uint32_t bit = 1u << t;
-    float denom = kWrite && info > 0 ? p.denom[row] : 0.0f;
-    int count = 0;
-    for (int e0 = 0; e0 < p.num_experts; e0 += kWarpSize) {
-      const int e = e0 + lane;
-      const uint32_t bits = e < p.num_experts ? word_bits[e] : 0u;
-      const bool selected = (bits & bit) != 0;
-      const unsigned ballot = __ballot_sync(kFullMask, selected);
-      if constexpr (!kWrite) {
-        if (info > 0) {
-          const float s = selected ? RouterSigmoid(p.logits[row * p.num_experts + e]) : 0.0f;
-          for (unsigned b = ballot; b != 0; b &= b - 1) {
-            denom = __fadd_rn(denom, __shfl_sync(kFullMask, s, __ffs(b) - 1));
+    if constexpr (!kWrite) {  // pass 1: the row's count
+      int count = 0;
+      for (int e0 = 0; e0 < p.num_experts; e0 += kWarpSize) {
+        const int e = e0 + lane;
+        count += __popc(__ballot_sync(kFullMask, e < p.num_experts && (word_bits[e] & bit) != 0));
+      }
+      if (lane == 0) p.token_offsets[row + 1] = count;
+      continue;
+    }
+    // Pass 2. Selected experts are walked kGroup chunks of 32 at a time, their logits loaded before
+    // any is used (a row waits for one round of loads per group, not one per chunk). Only
+    // expert-choice rows get here with selections, and their logits are not null.
+    constexpr int kGroup = 8;
+    auto load_group = [&](int g, float(&logit)[kGroup]) {
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+        const int e = g + c * kWarpSize + lane;
+        const bool selected = e < p.num_experts && (word_bits[e] & bit) != 0;
+        logit[c] = selected ? p.logits[row * p.num_experts + e] : 0.0f;
+      }
+    };
+    const bool one_group = p.num_experts <= kGroup * kWarpSize;
+    float logit[kGroup];
+    if (one_group) load_group(0, logit);
+    const int32_t first = p.token_offsets[row];
+    const bool renormalize = info > 0 && p.renormalize[info - 1] != 0;
+    // The renormalization denominator: the selected scores summed in ascending expert order.
+    float denom = 0.0f;
+    if (renormalize) {
+      for (int g = 0; g < p.num_experts; g += kGroup * kWarpSize) {
+        if (!one_group) load_group(g, logit);
+#pragma unroll
+        for (int c = 0; c < kGroup; ++c) {
+          const int e = g + c * kWarpSize + lane;
+          if (g + c * kWarpSize >= p.num_experts) break;
+          const bool selected = e < p.num_experts && (word_bits[e] & bit) != 0;
+          const unsigned ballot = __ballot_sync(kFullMask, selected);
+          const float s = selected ? RouterSigmoid(logit[c]) : 0.0f;
+          for (unsigned m = ballot; m != 0; m &= m - 1) {
+            denom = __fadd_rn(denom, __shfl_sync(kFullMask, s, __ffs(m) - 1));
           }
         }
-      } else if (selected) {
-        const int32_t a = base[e] + __popc(bits & (bit - 1u));
-        float w = 0.0f;  // a selected expert of an unrouted row cannot happen
-        if (info > 0) {
-          const float s = RouterSigmoid(p.logits[row * p.num_experts + e]);
-          w = p.renormalize[info - 1] != 0 ? __fmul_rn(__fdiv_rn(s, denom), p.scale)
-                                           : __fmul_rn(s, p.scale);
-        }
-        p.token_idx[a] = static_cast<int32_t>(row);
-        p.weight[a] = w;
-        p.token_assignments[p.token_offsets[row] + count + __popc(ballot & lanes_below)] = a;
       }
-      count += __popc(ballot);
     }
-    if constexpr (!kWrite) {
-      if (lane == 0) {
-        p.token_offsets[row + 1] = count;
-        if (info > 0) p.denom[row] = denom;
+    int count = 0;
+    for (int g = 0; g < p.num_experts; g += kGroup * kWarpSize) {
+      if (!one_group) load_group(g, logit);
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+        const int e = g + c * kWarpSize + lane;
+        if (g + c * kWarpSize >= p.num_experts) break;
+        const uint32_t bits = e < p.num_experts ? word_bits[e] : 0u;
+        const bool selected = (bits & bit) != 0;
+        const unsigned ballot = __ballot_sync(kFullMask, selected);
+        if (selected) {
+          const int32_t a = base[e] + __popc(bits & (bit - 1u));
+          float w = 0.0f;  // a selected expert of an unrouted row cannot happen
+          if (info > 0) {
+            const float s = RouterSigmoid(logit[c]);
+            w = renormalize ? __fmul_rn(__fdiv_rn(s, denom), p.scale) : __fmul_rn(s, p.scale);
+          }
+          p.token_idx[a] = static_cast<int32_t>(row);
+          p.weight[a] = w;
+          p.token_assignments[first + count + __popc(ballot & lanes_below)] = a;
+        }
+        count += __popc(ballot);
       }
     }
   }
@@ -350,9 +383,7 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
   size_t used = 0;
   const Workspace ws = CarveWorkspace(a.workspace, num_tokens, num_experts, &used);
   const int64_t words = CeilDiv(num_tokens, kWarpSize);
-  CUDA_RETURN_IF_ERROR(
-      cudaMemsetAsync(ws.bitmap, 0, num_experts * words * sizeof(uint32_t), stream));
-  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.row_info, 0, num_tokens * sizeof(int32_t), stream));
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.bitmap, 0, ws.cleared_bytes, stream));
 
   RowPassParams p{};
   p.num_tokens = num_tokens;
@@ -361,7 +392,6 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
   p.bitmap = ws.bitmap;
   p.word_prefix = ws.word_prefix;
   p.row_info = ws.row_info;
-  p.denom = ws.denom;
   p.expert_offsets = plan.expert_offsets;
   p.token_offsets = plan.token_offsets;
   p.token_idx = plan.token_idx;
@@ -380,13 +410,11 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
   }
   if (const ExpertChoiceSelections* ec = a.expert_choice;
       ec != nullptr && ec->scopes.num_scopes > 0 && ec->scopes.total_capacity > 0) {
+    // Threads for every selection and every row of the scopes (at most num_tokens of them).
     const int64_t count = num_experts * ec->scopes.total_capacity;
-    MarkExpertChoiceKernel<<<CeilDiv(count, kThreads), kThreads, 0, stream>>>(
-        ec->selected, ec->scopes.total_capacity, count, words, ws.bitmap);
-    CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    // Every row of the scopes, at most num_tokens of them.
-    MarkScopeRowsKernel<<<CeilDiv(num_tokens, kThreads), kThreads, 0, stream>>>(
-        ec->scopes.row_offsets, ec->scopes.rows, ec->scopes.num_scopes, ws.row_info);
+    MarkExpertChoiceKernel<<<CeilDiv(std::max(count, num_tokens), kThreads), kThreads, 0, stream>>>(
+        ec->selected, ec->scopes.total_capacity, count, words, ws.bitmap, ec->scopes.row_offsets,
+        ec->scopes.rows, ec->scopes.num_scopes, ws.row_info);
     CUDA_RETURN_IF_ERROR(cudaGetLastError());
     p.logits = ec->logits;
     p.renormalize = ec->renormalize;
@@ -396,22 +424,17 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
   ExpertPrefixKernel<<<num_experts, kThreads, 0, stream>>>(ws.bitmap, words, ws.word_prefix,
                                                            plan.expert_offsets);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  InPlaceOffsetsKernel<<<1, kScanThreads, 0, stream>>>(plan.expert_offsets, num_experts);
+  const size_t staged_bytes = 2 * num_experts * sizeof(uint32_t);
+  const int row_threads = kRowWarpsPerBlock * kWarpSize;
+  if (num_tokens > 0) {
+    RowPassKernel<false><<<words, row_threads, staged_bytes, stream>>>(p);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  ScanOffsetsKernel<<<2, kScanThreads, 0, stream>>>(plan.expert_offsets, num_experts,
+                                                    plan.token_offsets, num_tokens);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if (num_tokens == 0) return absl::OkStatus();
-  const size_t staged_bytes = 2 * num_experts * sizeof(uint32_t);
-  RowPassKernel<false><<<words, kRowWarpsPerBlock * kWarpSize, staged_bytes, stream>>>(p);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  const int64_t chunks = CeilDiv(num_tokens, kScanThreads);
-  ChunkScanKernel<<<chunks, kScanThreads, 0, stream>>>(plan.token_offsets, num_tokens,
-                                                       ws.chunk_offsets);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  InPlaceOffsetsKernel<<<1, kScanThreads, 0, stream>>>(ws.chunk_offsets, chunks);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  AddChunkOffsetsKernel<<<CeilDiv(num_tokens, kThreads), kThreads, 0, stream>>>(
-      plan.token_offsets, num_tokens, ws.chunk_offsets);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  RowPassKernel<true><<<words, kRowWarpsPerBlock * kWarpSize, staged_bytes, stream>>>(p);
+  RowPassKernel<true><<<words, row_threads, staged_bytes, stream>>>(p);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

@@ -896,9 +896,9 @@ INSTANTIATE_TEST_SUITE_P(
 // ---------------------------------------------------------------------------------------------
 // The device routing plan vs model/routing.cc's RouteMoeLayer on mixed batches
 
-ModelConfig MiniRoutingConfig() {
+ModelConfig MiniRoutingConfig(int64_t num_experts = 256) {
   ModelConfig c;
-  c.num_experts = 256;
+  c.num_experts = num_experts;
   c.num_experts_per_tok = 8;
   c.n_group = 8;
   c.topk_group = 4;
@@ -986,6 +986,8 @@ struct PlanCase {
   std::vector<int64_t> lengths;         // tokens per sequence
   std::vector<RoutingOptions> options;  // per sequence
   bool ties;
+  // Other than the mini's 256: the plan's row pass loads logits 256 experts at a time.
+  int64_t experts = 256;
 };
 void PrintTo(const PlanCase& c, std::ostream* os) { *os << c.name; }
 class RoutingPlanTest : public ::testing::TestWithParam<PlanCase> {};
@@ -993,7 +995,7 @@ class RoutingPlanTest : public ::testing::TestWithParam<PlanCase> {};
 TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
   SKIP_WITHOUT_GPU();
   const PlanCase c = GetParam();
-  const ModelConfig config = MiniRoutingConfig();
+  const ModelConfig config = MiniRoutingConfig(c.experts);
   std::vector<SequenceRouting> sequences;
   int64_t num_tokens = 0;
   for (size_t s = 0; s < c.lengths.size(); ++s) {
@@ -1051,6 +1053,8 @@ INSTANTIATE_TEST_SUITE_P(
       std::vector<RoutingOptions> options(64);
       for (int i = 0; i < 64; ++i) options[i] = i % 3 == 0 ? Tc() : ec_req;
       cases.push_back({"decode_64_blocks", lengths, options, false});
+      cases.push_back({"mixed_40_experts", {37, 20, 50}, {Tc(), ec_raw, ec_batch}, false, 40});
+      cases.push_back({"mixed_328_experts", {37, 70, 50}, {Tc(), ec_req, ec_batch}, false, 328});
       return cases;
     }()));
 

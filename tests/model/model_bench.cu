@@ -23,8 +23,9 @@
 //
 // Usage: model_bench [--config model/configs/LLaDA2.0-mini-preview.json] [--layer-only]
 //                    [--sizes 32,256,1024,4096,16384] [--no-baselines]
-// --sizes picks the layer's token counts; --no-baselines times the fused layer alone (for quick
-// comparisons and for profiling its kernels).
+// --sizes picks the layer's token counts; --no-baselines times the fused layer alone and, by CUDA
+// graphs of its first parts, the plan build, the experts and the combine (quick comparisons, and a
+// target for profiling its kernels).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -211,8 +212,10 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
                       stream),
               "combine");
       };
-      auto layer = [&](Gemm& g, cudaStream_t stream, MoeExpertsPath path) {
+      // parts: 1 the plan build, 2 also the experts, 3 the whole layer.
+      auto layer = [&](Gemm& g, cudaStream_t stream, MoeExpertsPath path, int parts = 3) {
         Check(BuildRoutingPlan(r.plan.args, stream), "plan");
+        if (parts == 1) return;
         if (path == MoeExpertsPath::kCublas) get_offsets(stream);
         MoeExpertsArgs args;
         args.x = x.data();
@@ -225,7 +228,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
         args.workspace_bytes = ws.bytes();
         args.path = path;
         Check(MoeExperts(g, args), "experts");
-        combine(stream);
+        if (parts == 3) combine(stream);
       };
       // The fused path has no host round trip: it is timed as a CUDA graph, like the issue's
       // reference numbers. The cuBLAS path copies counts back, so it is event-timed.
@@ -235,8 +238,21 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
                             20, graph_stream)
               : TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kAuto); });
       if (!baselines) {
-        std::printf("%-24s %6lld %8lld %10.1f\n", m.name, static_cast<long long>(n),
-                    static_cast<long long>(r.touched_experts), us);
+        // Where the time goes: graphs of the plan build alone and of the plan and the experts
+        // (each difference includes the launch gap before that part).
+        double plan_us = 0, experts_us = 0;
+        if (fused) {
+          auto graph_of = [&](int parts) {
+            return TimeGraphUs(
+                [&](cudaStream_t s) { layer(**graph_gemm, s, MoeExpertsPath::kAuto, parts); }, 20,
+                graph_stream);
+          };
+          plan_us = graph_of(1);
+          experts_us = graph_of(2) - plan_us;
+        }
+        std::printf("%-24s %6lld %8lld %10.1f   plan %.1f, experts %.1f, combine %.1f\n", m.name,
+                    static_cast<long long>(n), static_cast<long long>(r.touched_experts), us,
+                    plan_us, experts_us, us - plan_us - experts_us);
         continue;
       }
       const double unfused_us = TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kCublas); });
