@@ -1055,6 +1055,10 @@ INSTANTIATE_TEST_SUITE_P(
       cases.push_back({"decode_64_blocks", lengths, options, false});
       cases.push_back({"mixed_40_experts", {37, 20, 50}, {Tc(), ec_raw, ec_batch}, false, 40});
       cases.push_back({"mixed_328_experts", {37, 70, 50}, {Tc(), ec_req, ec_batch}, false, 328});
+      // Grids of 256 and 512 words: the row passes run 16 warps a block where 32-warp blocks would
+      // not all be resident at once (both here on an H100/H200; the grids above run 32).
+      cases.push_back({"rows_8192", {4096, 4096}, {Tc(), ec_batch}, false});
+      cases.push_back({"rows_16384", {8192, 4096, 4096}, {Tc(), ec_batch, ec_req}, false});
       return cases;
     }()));
 
