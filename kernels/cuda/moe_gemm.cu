@@ -57,26 +57,36 @@ constexpr int kRowBytes = kBK * 2;
 constexpr int kATileBytes = kBM * kRowBytes;
 constexpr int kBTileBytes = kBN * kRowBytes;
 constexpr int kStageBytes = kATileBytes + kBTileBytes;
-// The down kernel's output staging: per consumer warp 16 rows of 256 BF16, padded by 16 bytes so
-// that the accumulator fragment's stores hit 32 different banks.
+// The down kernel's output staging rows: 256 BF16, padded by 16 bytes so that the accumulator
+// fragment's stores hit 32 different banks.
 constexpr int kStagingRowBytes = kBN * 2 + 16;
-constexpr int kStagingWarpBytes = 16 * kStagingRowBytes;
-constexpr int kStagingBytes = kConsumerWarps * kStagingWarpBytes;
 
-// Up: 4 stages and direct stores of its 64 x 128 activations per warpgroup (a long K loop, a small
-// output; the staged output with 3 stages measured 2-17% slower). Down: 3 stages and the staged
-// output (K = expert width: 8 slabs per tile, 128 x 256 outputs; 3-10% faster than 4 stages and
-// direct stores).
-__host__ __device__ constexpr int Stages(bool up) { return up ? 4 : 3; }
-__host__ __device__ constexpr bool StagedOut(bool up) { return !up; }
-constexpr size_t SmemBytes(bool up) {
-  return size_t{1024} + size_t(Stages(up)) * kStageBytes + (StagedOut(up) ? kStagingBytes : 0) +
-         2 * Stages(up) * sizeof(uint64_t);
+// The three kernels. Up: 4 stages and direct stores of its 64 x 128 activations per warpgroup (a
+// long K loop, a small output; the staged output with 3 stages measured 2-17% slower). Down (K =
+// expert width: 8 slabs per tile, 128 x 256 outputs) leaves through shared memory, either
+//   - 3 stages, each consumer warp staging its 16 rows at once (kDown3), or
+//   - 4 stages, each warp staging 8 rows at a time (kDown4: 4 stages and 16 rows do not fit).
+// On the H200 kDown4 was 25-32 us faster at N = 16384 (several row tiles per expert, the tensor
+// cores the limit) and 13 us slower for expert-choice at N = 4096 (one tile per expert, DRAM the
+// limit); with 8 rows and 3 stages the layer was as fast as kDown3. So the launch picks kDown4
+// from two row tiles per expert on average (Launch).
+enum class Kind { kUp, kDown3, kDown4 };
+__host__ __device__ constexpr bool IsUp(Kind k) { return k == Kind::kUp; }
+__host__ __device__ constexpr int Stages(Kind k) { return k == Kind::kDown3 ? 3 : 4; }
+__host__ __device__ constexpr int StagedRows(Kind k) {
+  return k == Kind::kUp ? 0 : (k == Kind::kDown3 ? 16 : 8);
 }
-static_assert(SmemBytes(true) <= 227 * 1024 && SmemBytes(false) <= 227 * 1024, "shared memory");
+__host__ __device__ constexpr int StagingWarpBytes(Kind k) { return StagedRows(k) * kStagingRowBytes; }
+constexpr size_t SmemBytes(Kind k) {
+  return size_t{1024} + size_t(Stages(k)) * kStageBytes +
+         size_t{kConsumerWarps} * StagingWarpBytes(k) + 2 * Stages(k) * sizeof(uint64_t);
+}
+static_assert(SmemBytes(Kind::kUp) <= 227 * 1024 && SmemBytes(Kind::kDown3) <= 227 * 1024 &&
+                  SmemBytes(Kind::kDown4) <= 227 * 1024,
+              "shared memory");
 // The up kernel's producer publishes a stage one stage late: with fewer than 3 stages it would
 // wait for a slot that only its own late arrival can free.
-static_assert(Stages(true) >= 3 && Stages(false) >= 2, "ring depth");
+static_assert(Stages(Kind::kUp) >= 3, "ring depth");
 constexpr int kMaxExperts = 1024;
 
 // How a row tile shares its expert's weight tiles with the other CTA of its cluster: tiles 2 i and
@@ -453,50 +463,59 @@ __device__ __forceinline__ void StoreDirect(const KernelParams& p, const MoeTile
   }
 }
 
-// The same 16 rows of the down kernel through this warp's staging rows: every lane writes its
-// fragment, then lanes 0-15 each bulk-copy one 512-byte row out. The copies run on while the warp
-// goes on to the next tile; the next call first waits until they have read the staging rows.
+// The same 16 rows of the down kernel through this warp's kRows staging rows (16, or 8 at a
+// time): every lane writes its fragment, then lanes 0..kRows-1 each bulk-copy one 512-byte row
+// out. The copies run on while the warp goes on; the next write to the staging rows first waits
+// until they have been read.
+template <int kRows>
 __device__ __forceinline__ void StoreStaged(const KernelParams& p, const MoeTile& mt, int nt,
                                             int warp_row0, uint32_t staging,
                                             const float (&acc)[128]) {
+  static_assert(kRows == 8 || kRows == 16, "staging rows");
   const int lane = threadIdx.x % kWarpSize;
-  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-  __syncwarp();
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const uint32_t row = staging + (lane / 4 + 8 * half) * kStagingRowBytes + 4 * (lane % 4);
+  for (int pass = 0; pass < 16 / kRows; ++pass) {
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    __syncwarp();
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const __nv_bfloat162 v =
-          __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-      asm volatile("st.shared.b32 [%0], %1;" ::"r"(row + 16 * j),
-                   "r"(*reinterpret_cast<const uint32_t*>(&v))
-                   : "memory");
+    for (int half = 0; half < 2; ++half) {  // fragment rows lane / 4 and lane / 4 + 8
+      if (kRows == 8 && half != pass) continue;
+      const uint32_t row =
+          staging + (lane / 4 + 8 * half - kRows * pass) * kStagingRowBytes + 4 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const __nv_bfloat162 v =
+            __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        asm volatile("st.shared.b32 [%0], %1;" ::"r"(row + 16 * j),
+                     "r"(*reinterpret_cast<const uint32_t*>(&v))
+                     : "memory");
+      }
     }
-  }
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk copies
-  __syncwarp();
-  const int r = warp_row0 + lane;
-  if (lane < 16 && r < mt.rows) {
-    const __nv_bfloat16* dst =
-        p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols + nt * kBN;
-    asm volatile(
-        "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
-        "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(dst)),
-        "r"(staging + lane * kStagingRowBytes), "n"(kBN * 2)
-        : "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk copies
+    __syncwarp();
+    const int r = warp_row0 + kRows * pass + lane;
+    if (lane < kRows && r < mt.rows) {
+      const __nv_bfloat16* dst =
+          p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols + nt * kBN;
+      asm volatile(
+          "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
+          "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(dst)),
+          "r"(staging + lane * kStagingRowBytes), "n"(kBN * 2)
+          : "memory");
+    }
   }
 }
 
-template <bool kUp>
+template <Kind kKind>
 __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_base, uint64_t* full,
                                         uint64_t* empty) {
-  constexpr int kStages = Stages(kUp);
-  constexpr bool kStaged = StagedOut(kUp);
+  constexpr bool kUp = IsUp(kKind);
+  constexpr int kStages = Stages(kKind);
   const int ct = threadIdx.x - 128;  // 0..255
   const int cw = ct / 128;           // consumer warpgroup: A rows 64 cw ..
   const int warp = (ct % 128) / kWarpSize, lane = ct % kWarpSize;
-  const uint32_t staging = smem_base + kStages * kStageBytes + (ct / kWarpSize) * kStagingWarpBytes;
+  const uint32_t staging =
+      smem_base + kStages * kStageBytes + (ct / kWarpSize) * StagingWarpBytes(kKind);
   const uint32_t rank = ClusterRank();
   // A stage is free once both CTAs' consumers are done with it: the peer's producer writes into
   // this CTA's stage too (its half of B).
@@ -546,26 +565,27 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     release(prev_stage);
 
     const int warp_row0 = cw * 64 + warp * 16;
-    if constexpr (kStaged) {
-      StoreStaged(p, mt, nt, warp_row0, staging, acc);
-    } else {
+    if constexpr (kUp) {
       StoreDirect<kUp>(p, mt, nt, warp_row0, acc);
+    } else {
+      StoreStaged<StagedRows(kKind)>(p, mt, nt, warp_row0, staging, acc);
     }
   });
-  if constexpr (kStaged) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  if constexpr (!kUp) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 #endif  // MOESERVE_SM90A
 
-template <bool kUp>
+template <Kind kKind>
 __global__ void __launch_bounds__(kThreads, 1)
     MoeGemmKernel(const __grid_constant__ KernelParams p) {
 #ifdef MOESERVE_SM90A
-  constexpr int kStages = Stages(kUp);
+  constexpr bool kUp = IsUp(kKind);
+  constexpr int kStages = Stages(kKind);
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem =
       reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes +
-                                               (StagedOut(kUp) ? kStagingBytes : 0));
+                                               kConsumerWarps * StagingWarpBytes(kKind));
   uint64_t* empty = full + kStages;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -589,7 +609,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
-    Consume<kUp>(p, SmemAddr(smem), full, empty);
+    Consume<kKind>(p, SmemAddr(smem), full, empty);
   }
   ClusterSync();
 #else
@@ -661,10 +681,10 @@ int MaxActiveClusters(void (*kernel)(KernelParams), const cudaLaunchConfig_t& co
 
 // Clusters of two CTAs (one per SM), as many as fit at once: the kernels are persistent, so a
 // cluster that had to wait for a free pair of SMs would run its units after everyone else.
-template <bool kUp>
+template <Kind kKind>
 absl::Status Launch(const KernelParams& p, int64_t max_tiles, cudaStream_t stream) {
   static const cudaError_t configured = cudaFuncSetAttribute(
-      MoeGemmKernel<kUp>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes(kUp));
+      MoeGemmKernel<kKind>, cudaFuncAttributeMaxDynamicSharedMemorySize, SmemBytes(kKind));
   CUDA_RETURN_IF_ERROR(configured);
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
@@ -674,18 +694,18 @@ absl::Status Launch(const KernelParams& p, int64_t max_tiles, cudaStream_t strea
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(2 * MultiprocessorCount());
   config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = SmemBytes(kUp);
+  config.dynamicSmemBytes = SmemBytes(kKind);
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  static const int max_clusters = MaxActiveClusters(MoeGemmKernel<kUp>, config);
+  static const int max_clusters = MaxActiveClusters(MoeGemmKernel<kKind>, config);
   if (max_clusters < 1) {
     return absl::InternalError("moe_gemm: no cluster of two CTAs fits on this GPU");
   }
   g_sms_used.store(2 * max_clusters, std::memory_order_relaxed);
   const int64_t units = max_tiles * ((p.n_tiles + 1) / 2);
   config.gridDim = dim3(static_cast<unsigned>(2 * std::min<int64_t>(max_clusters, units)));
-  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MoeGemmKernel<kUp>, p));
+  CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, MoeGemmKernel<kKind>, p));
   return absl::OkStatus();
 }
 
@@ -785,8 +805,10 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   down.tiles = tiles;
   down.num_tiles = num_tiles;
   down.out = static_cast<__nv_bfloat16*>(a.expert_out);
-  RETURN_IF_ERROR((Launch<true>(up, max_tiles, stream)));
-  return Launch<false>(down, max_tiles, stream);
+  RETURN_IF_ERROR(Launch<Kind::kUp>(up, max_tiles, stream));
+  // See Kind: the deeper ring pays once an expert's weights serve two row tiles on average.
+  if (n >= 2 * kBM * experts) return Launch<Kind::kDown4>(down, max_tiles, stream);
+  return Launch<Kind::kDown3>(down, max_tiles, stream);
 }
 
 }  // namespace moeserve::cuda

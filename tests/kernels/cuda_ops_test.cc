@@ -1256,7 +1256,10 @@ INSTANTIATE_TEST_SUITE_P(Grid, MoeExpertsTest,
                                                    cuda::MoeExpertsPath::kCublas},
                                            // Fused-kernel tiles: experts over one 128-row tile,
                                            // partial tiles, empty experts, an expert count that
-                                           // is no multiple of 32, several column tiles.
+                                           // is no multiple of 32, several column tiles. From
+                                           // two row tiles per expert on average (700 tokens
+                                           // uniform, the last two cases) the down kernel runs
+                                           // its 4-stage variant, below that the 3-stage one.
                                            MoeCase{600, 8, 256, 128, 6, DType::kBF16, false},
                                            MoeCase{700, 8, 512, 256, 300, DType::kBF16, true},
                                            MoeCase{40, 300, 256, 128, 2, DType::kBF16, false},

@@ -22,10 +22,10 @@
 //    bandwidth.
 //
 // Usage: model_bench [--config model/configs/LLaDA2.0-mini-preview.json] [--layer-only]
-//                    [--sizes 32,256,1024,4096,16384] [--no-baselines]
+//                    [--sizes 32,256,1024,4096,16384] [--no-baselines] [--profile]
 // --sizes picks the layer's token counts; --no-baselines times the fused layer alone and, by CUDA
-// graphs of its first parts, the plan build, the experts and the combine (quick comparisons, and a
-// target for profiling its kernels).
+// graphs of its first parts, the plan build, the experts and the combine (quick comparisons);
+// --profile runs each layer once, untimed, and nothing else (for ncu: one launch per kernel).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -153,8 +153,9 @@ std::unique_ptr<Routed> Route(int64_t n, bool token_choice, double skew, double 
   return routed;
 }
 
+// profile: run each layer once, untimed, for a profiler (ncu) to see its kernels.
 void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>& sizes,
-                   bool baselines) {
+                   bool baselines, bool profile) {
   LayerWeights w;
   w.w13 = RandomDevice(kExperts * 2 * kWidth * kHidden, DType::kBF16, 11, 0.03f);
   w.w2 = RandomDevice(kExperts * kHidden * kWidth, DType::kBF16, 12, 0.03f);
@@ -230,6 +231,12 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
         Check(MoeExperts(g, args), "experts");
         if (parts == 3) combine(stream);
       };
+      if (profile) {
+        layer(gemm, nullptr, MoeExpertsPath::kAuto);
+        Check(cudaDeviceSynchronize(), "profile");
+        std::printf("%-24s %6lld: ran once\n", m.name, static_cast<long long>(n));
+        continue;
+      }
       // The fused path has no host round trip: it is timed as a CUDA graph, like the issue's
       // reference numbers. The cuBLAS path copies counts back, so it is event-timed.
       const double us =
@@ -433,12 +440,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::string config = "model/configs/LLaDA2.0-mini-preview.json";
-  bool layer_only = false, baselines = true;
+  bool layer_only = false, baselines = true, profile = false;
   std::vector<int64_t> sizes = {32, 256, 1024, 4096, 16384};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
     if (std::strcmp(argv[i], "--layer-only") == 0) layer_only = true;
     if (std::strcmp(argv[i], "--no-baselines") == 0) baselines = false;
+    if (std::strcmp(argv[i], "--profile") == 0) profile = layer_only = true;
     if (std::strcmp(argv[i], "--sizes") == 0 && i + 1 < argc) {
       sizes.clear();
       for (absl::string_view part : absl::StrSplit(argv[++i], ',')) {
@@ -459,8 +467,8 @@ int main(int argc, char** argv) {
   {
     absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(nullptr);
     Check(gemm.status(), "gemm");
-    const Ceilings ceil = MeasureCeilings(**gemm);
-    BenchMoeLayer(**gemm, ceil, sizes, baselines);
+    const Ceilings ceil = profile ? Ceilings{} : MeasureCeilings(**gemm);
+    BenchMoeLayer(**gemm, ceil, sizes, baselines, profile);
   }
   if (!layer_only) BenchForward(config);
   return 0;
