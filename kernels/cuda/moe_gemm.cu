@@ -23,10 +23,9 @@
 // Shared-memory tiles are K-major with the 128-byte swizzle (16-byte chunk c of row r stored at
 // chunk c ^ (r % 8)), 1024-byte aligned, one 64-element K slab per stage; a wgmma descriptor
 // advances 32 bytes per k16 step inside the slab. The tensor copies write the same swizzle.
-// Up kernel outputs (64 x 128 BF16 activations per warpgroup) are stored from registers. The down
-// kernel's (128 x 256 BF16 per tile) leave through shared memory: each consumer warp writes its
-// 16 rows there and bulk-copies them out row by row (cp.async.bulk), so a tile's stores overlap
-// the next tile's multiplies; rows past the tile's end are never written.
+// Outputs (up: 128 x 128 BF16 activations per tile, down: 128 x 256) leave through shared memory:
+// each consumer warp writes its rows there and bulk-copies them out row by row (cp.async.bulk), so
+// a tile's stores overlap the next tile's multiplies; rows past the tile's end are never written.
 #include <cuda.h>          // CUtensorMap
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
@@ -57,15 +56,13 @@ constexpr int kRowBytes = kBK * 2;
 constexpr int kATileBytes = kBM * kRowBytes;
 constexpr int kBTileBytes = kBN * kRowBytes;
 constexpr int kStageBytes = kATileBytes + kBTileBytes;
-// The down kernel's output staging rows: 256 BF16, padded by 16 bytes so that the accumulator
-// fragment's stores hit 32 different banks.
-constexpr int kStagingRowBytes = kBN * 2 + 16;
-
-// The three kernels. Up: 4 stages and direct stores of its 64 x 128 activations per warpgroup (a
-// long K loop, a small output; the staged output with 3 stages measured 2-17% slower). Down (K =
-// expert width: 8 slabs per tile, 128 x 256 outputs) leaves through shared memory, either
-//   - 3 stages, each consumer warp staging its 16 rows at once (kDown3), or
-//   - 4 stages, each warp staging 8 rows at a time (kDown4: 4 stages and 16 rows do not fit).
+// The three kernels. Every output tile leaves through shared memory (StoreStaged), each consumer
+// warp staging its 16 rows at once or 8 at a time:
+//   - up (K = hidden: 32 slabs per tile, 128 x 128 SwiGLU outputs): 4 stages, 8 rows. Against
+//     stores from registers 6-7 us faster for expert-choice at N = 4096 and 18-20 at N = 16384
+//     (the bulk copies overlap the next tile's multiplies); with 3 stages and 16 rows 1-17% slower;
+//   - down (K = expert width: 8 slabs per tile, 128 x 256 outputs): 3 stages and 16 rows (kDown3)
+//     or 4 stages and 8 rows (kDown4: 4 stages and 16 rows do not fit).
 // On the H200 kDown4 was 25-32 us faster at N = 16384 (several row tiles per expert, the tensor
 // cores the limit) and 13 us slower for expert-choice at N = 4096 (one tile per expert, DRAM the
 // limit); with 8 rows and 3 stages the layer was as fast as kDown3. So the launch picks kDown4
@@ -74,9 +71,16 @@ enum class Kind { kUp, kDown3, kDown4 };
 __host__ __device__ constexpr bool IsUp(Kind k) { return k == Kind::kUp; }
 __host__ __device__ constexpr int Stages(Kind k) { return k == Kind::kDown3 ? 3 : 4; }
 __host__ __device__ constexpr int StagedRows(Kind k) {
-  return k == Kind::kUp ? 0 : (k == Kind::kDown3 ? 16 : 8);
+  return k == Kind::kDown3 ? 16 : 8;
 }
-__host__ __device__ constexpr int StagingWarpBytes(Kind k) { return StagedRows(k) * kStagingRowBytes; }
+// Output columns of a tile: the up kernel's SwiGLU halves its 256 accumulator columns.
+__host__ __device__ constexpr int OutCols(Kind k) { return IsUp(k) ? kBN / 2 : kBN; }
+// A staging row: the tile row's BF16 outputs, padded by 16 bytes so that the accumulator
+// fragment's stores hit 32 different banks.
+__host__ __device__ constexpr int StagingRowBytes(Kind k) { return OutCols(k) * 2 + 16; }
+__host__ __device__ constexpr int StagingWarpBytes(Kind k) {
+  return StagedRows(k) * StagingRowBytes(k);
+}
 constexpr size_t SmemBytes(Kind k) {
   return size_t{1024} + size_t(Stages(k)) * kStageBytes +
          size_t{kConsumerWarps} * StagingWarpBytes(k) + 2 * Stages(k) * sizeof(uint64_t);
@@ -425,52 +429,35 @@ __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t sm
   if (it > 0) MbarArrive(&full[(it - 1) % kStages]);
 }
 
-// Stores of one warp's 16 rows (the accumulator fragment: register 4 j + q holds row
-// warp * 16 + lane / 4 + 8 (q / 2), column 8 j + 2 (lane % 4) + q % 2 of the warpgroup's 64 x 256
-// block), straight from registers. The up kernel's SwiGLU uses the hardware exp and divide
-// (__expf, __fdividef): their float error, a few ulps, is far below the BF16 rounding that
+// Output column pair j of fragment row `half` of one warp's 16 rows, as two BF16. (The accumulator
+// fragment: register 4 j + q holds row warp * 16 + lane / 4 + 8 (q / 2), column 8 j + 2 (lane % 4)
+// + q % 2 of the warpgroup's 64 x 256 block.) The up kernel's SwiGLU uses the hardware exp and
+// divide (__expf, __fdividef): their float error, a few ulps, is far below the BF16 rounding that
 // follows, and they made the layer 2-3% faster at N >= 4096 tokens than IEEE expf and division.
-template <bool kUp>
-__device__ __forceinline__ void StoreDirect(const KernelParams& p, const MoeTile& mt, int nt,
-                                            int warp_row0, const float (&acc)[128]) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int c0 = 2 * (lane % 4);
+template <Kind kKind>
+__device__ __forceinline__ __nv_bfloat162 OutPair(const float (&acc)[128], int j, int half) {
+  if constexpr (IsUp(kKind)) {
+    float h[2];
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = warp_row0 + lane / 4 + 8 * half;
-    if (r >= mt.rows) continue;
-    __nv_bfloat16* out = p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols;
-    if constexpr (kUp) {
-      out += nt * (kBN / 2) + c0;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        float h[2];
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const float g = acc[4 * j + 2 * half + q], u = acc[64 + 4 * j + 2 * half + q];
-          h[q] = __fdividef(g, 1.0f + __expf(-g)) * u;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(h[0], h[1]);
-      }
-    } else {
-      out += nt * kBN + c0;
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
-            __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-      }
+    for (int q = 0; q < 2; ++q) {
+      const float g = acc[4 * j + 2 * half + q], u = acc[64 + 4 * j + 2 * half + q];
+      h[q] = __fdividef(g, 1.0f + __expf(-g)) * u;
     }
+    return __floats2bfloat162_rn(h[0], h[1]);
+  } else {
+    return __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
   }
 }
 
-// The same 16 rows of the down kernel through this warp's kRows staging rows (16, or 8 at a
-// time): every lane writes its fragment, then lanes 0..kRows-1 each bulk-copy one 512-byte row
-// out. The copies run on while the warp goes on; the next write to the staging rows first waits
-// until they have been read.
-template <int kRows>
+// The same 16 rows through this warp's staging rows (16, or 8 at a time): every lane writes its
+// fragment, then one lane per row bulk-copies it out. The copies run on while the warp goes on;
+// the next write to the staging rows first waits until they have been read.
+template <Kind kKind>
 __device__ __forceinline__ void StoreStaged(const KernelParams& p, const MoeTile& mt, int nt,
                                             int warp_row0, uint32_t staging,
                                             const float (&acc)[128]) {
+  constexpr int kRows = StagedRows(kKind), kCols = OutCols(kKind);
+  constexpr int kRowBytes = StagingRowBytes(kKind);
   static_assert(kRows == 8 || kRows == 16, "staging rows");
   const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
@@ -481,11 +468,10 @@ __device__ __forceinline__ void StoreStaged(const KernelParams& p, const MoeTile
     for (int half = 0; half < 2; ++half) {  // fragment rows lane / 4 and lane / 4 + 8
       if (kRows == 8 && half != pass) continue;
       const uint32_t row =
-          staging + (lane / 4 + 8 * half - kRows * pass) * kStagingRowBytes + 4 * (lane % 4);
+          staging + (lane / 4 + 8 * half - kRows * pass) * kRowBytes + 4 * (lane % 4);
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const __nv_bfloat162 v =
-            __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+      for (int j = 0; j < kCols / 8; ++j) {
+        const __nv_bfloat162 v = OutPair<kKind>(acc, j, half);
         asm volatile("st.shared.b32 [%0], %1;" ::"r"(row + 16 * j),
                      "r"(*reinterpret_cast<const uint32_t*>(&v))
                      : "memory");
@@ -496,11 +482,11 @@ __device__ __forceinline__ void StoreStaged(const KernelParams& p, const MoeTile
     const int r = warp_row0 + kRows * pass + lane;
     if (lane < kRows && r < mt.rows) {
       const __nv_bfloat16* dst =
-          p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols + nt * kBN;
+          p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols + nt * kCols;
       asm volatile(
           "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
           "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(dst)),
-          "r"(staging + lane * kStagingRowBytes), "n"(kBN * 2)
+          "r"(staging + lane * kRowBytes), "n"(kCols * 2)
           : "memory");
     }
   }
@@ -565,13 +551,9 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     release(prev_stage);
 
     const int warp_row0 = cw * 64 + warp * 16;
-    if constexpr (kUp) {
-      StoreDirect<kUp>(p, mt, nt, warp_row0, acc);
-    } else {
-      StoreStaged<StagedRows(kKind)>(p, mt, nt, warp_row0, staging, acc);
-    }
+    StoreStaged<kKind>(p, mt, nt, warp_row0, staging, acc);
   });
-  if constexpr (!kUp) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 #endif  // MOESERVE_SM90A
 
