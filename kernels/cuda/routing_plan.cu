@@ -15,7 +15,6 @@ namespace moeserve::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kScanThreads = 1024;
 constexpr size_t kAlign = 256;
 constexpr int64_t kMaxPlanExperts = 4096;
 
@@ -39,12 +38,15 @@ class Carver {
   size_t used_ = 0;
 };
 
-// bitmap and row_info come first: one memset clears both.
+// The arrays up to `ticket` come first: one memset clears them.
 struct Workspace {
-  uint32_t* bitmap;      // [num_experts, words]: bit t of expert e set iff (t, e) is selected
-  int32_t* row_info;     // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
-  size_t cleared_bytes;  // bitmap through row_info
-  int32_t* word_prefix;  // [num_experts, words]: set bits of the expert's earlier words
+  uint32_t* bitmap;       // [num_experts, words]: bit t of expert e set iff (t, e) is selected
+  int32_t* row_info;      // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
+  uint64_t* word_status;  // [words]: the row pass's published token counts (WordStatus)
+  uint32_t* ticket;       // the row pass's next word
+  size_t cleared_bytes;   // bitmap through ticket
+  int32_t* word_prefix;   // [num_experts, words]: set bits of the expert's earlier words
+  int32_t* expert_counts;  // [num_experts]
 };
 
 Workspace CarveWorkspace(void* base, int64_t num_tokens, int64_t num_experts, size_t* used) {
@@ -53,8 +55,11 @@ Workspace CarveWorkspace(void* base, int64_t num_tokens, int64_t num_experts, si
   Workspace w;
   w.bitmap = c.Take<uint32_t>(num_experts * words);
   w.row_info = c.Take<int32_t>(num_tokens);
+  w.word_status = c.Take<uint64_t>(words);
+  w.ticket = c.Take<uint32_t>(1);
   w.cleared_bytes = c.used();
   w.word_prefix = c.Take<int32_t>(num_experts * words);
+  w.expert_counts = c.Take<int32_t>(num_experts);
   *used = c.used();
   return w;
 }
@@ -100,10 +105,10 @@ __global__ void MarkExpertChoiceKernel(const int32_t* __restrict__ selected, int
   }
 }
 
-// One block per expert: word_prefix of its bitmap row, and its count in expert_offsets[e + 1].
+// One block per expert: word_prefix of its bitmap row, and its count.
 __global__ void ExpertPrefixKernel(const uint32_t* __restrict__ bitmap, int64_t words,
                                    int32_t* __restrict__ word_prefix,
-                                   int32_t* __restrict__ expert_offsets) {
+                                   int32_t* __restrict__ expert_counts) {
   __shared__ int scratch[kWarpSize];
   const int64_t e = blockIdx.x;
   int carry = 0;
@@ -115,43 +120,49 @@ __global__ void ExpertPrefixKernel(const uint32_t* __restrict__ bitmap, int64_t 
     if (w < words) word_prefix[e * words + w] = carry + before;
     carry += total;
   }
-  if (threadIdx.x == 0) expert_offsets[e + 1] = carry;
+  if (threadIdx.x == 0) expert_counts[e] = carry;
 }
 
-// offsets[1..n] hold counts; turns them into the CSR index offsets[0..n]. One block; each thread
-// takes kItems consecutive counts per round.
-__device__ __forceinline__ void ScanInPlace(int32_t* offsets, int64_t n, int* scratch) {
-  constexpr int kItems = 8;
-  int carry = 0;
-  for (int64_t base = 0; base < n; base += int64_t{kItems} * blockDim.x) {
-    const int64_t first = base + int64_t{threadIdx.x} * kItems;
-    int count[kItems], sum = 0;
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      count[i] = first + i < n ? offsets[first + i + 1] : 0;
-      sum += count[i];
-    }
-    int total;
-    int running = carry + BlockExclusiveScan(sum, scratch, &total);
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      running += count[i];
-      if (first + i < n) offsets[first + i + 1] = running;
-    }
-    carry += total;
-  }
-  if (threadIdx.x == 0) offsets[0] = 0;
+// A word's entry in word_status: its rows' assignment count in the low 32 bits, and in the high
+// ones kAggregate (that count alone) or kInclusive (the count of every row up to the word's last).
+// 0: not yet published.
+constexpr uint64_t kAggregate = 1, kInclusive = 2;
+__device__ __forceinline__ void PublishWord(uint64_t* status, uint64_t flag, uint32_t count) {
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(status), "l"(flag << 32 | count)
+               : "memory");
+}
+__device__ __forceinline__ uint64_t ReadWord(const uint64_t* status) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(status) : "memory");
+  return v;
 }
 
-// Block 0 scans the experts' counts, block 1 the tokens'.
-__global__ void ScanOffsetsKernel(int32_t* expert_offsets, int64_t num_experts,
-                                  int32_t* token_offsets, int64_t num_tokens) {
-  __shared__ int scratch[kWarpSize];
-  if (blockIdx.x == 0) {
-    ScanInPlace(expert_offsets, num_experts, scratch);
-  } else {
-    ScanInPlace(token_offsets, num_tokens, scratch);
+// Warp 0: the count of all rows before word `word`, from the words before it (decoupled
+// look-back): the 32 words below a window end are read at once, each lane waiting until its word
+// has published; the nearest inclusive count ends the walk, else the 32 aggregates are added and
+// the window moves down. Words are taken in ticket order, so every word below is held by a block
+// that runs and publishes without waiting for this one.
+__device__ __forceinline__ uint32_t CountBefore(const uint64_t* word_status, int64_t word) {
+  const int lane = threadIdx.x % kWarpSize;
+  uint32_t before = 0;
+  for (int64_t end = word - 1; end >= 0; end -= kWarpSize) {
+    const int64_t w = end - lane;
+    uint64_t v = uint64_t{kInclusive} << 32;  // below word 0: an inclusive count of 0
+    if (w >= 0) {
+      do {
+        v = ReadWord(&word_status[w]);
+      } while ((v >> 32) == 0);
+    }
+    const unsigned inclusive = __ballot_sync(kFullMask, (v >> 32) == kInclusive);
+    // Lane j holds word end - j: with an inclusive count at the lowest such lane, only the lanes
+    // up to it count.
+    const int stop = inclusive != 0 ? __ffs(inclusive) - 1 : kWarpSize - 1;
+    uint32_t c = lane <= stop ? static_cast<uint32_t>(v) : 0u;
+    for (int o = kWarpSize / 2; o > 0; o /= 2) c += __shfl_xor_sync(kFullMask, c, o);
+    before += c;
+    if (inclusive != 0) break;
   }
+  return before;
 }
 
 struct RowPassParams {
@@ -160,7 +171,10 @@ struct RowPassParams {
   int64_t words;
   const uint32_t* bitmap;
   const int32_t* word_prefix;
+  const int32_t* expert_counts;
   const int32_t* row_info;
+  uint64_t* word_status;
+  uint32_t* ticket;
   // Token-choice selections.
   int topk;
   const int32_t* topk_idx;
@@ -170,65 +184,115 @@ struct RowPassParams {
   const uint8_t* renormalize;
   float scale;
   // The plan.
-  const int32_t* expert_offsets;
+  int32_t* expert_offsets;
   int32_t* token_offsets;
   int32_t* token_idx;
   float* weight;
   int32_t* token_assignments;
 };
 
-// One block per 32 tokens (one bitmap word): the block stages that word of every expert's bitmap
-// (and, in pass 2, every expert's base position for these tokens) in shared memory; then each warp
-// takes every (blockDim.x / 32)-th token and walks its experts in ascending order, 32 at a time. Pass 1 (kWrite false) counts them;
-// pass 2 sums expert-choice denominators in that order and writes the plan.
-template <bool kWrite>
+// One block per 32 tokens (one bitmap word), the words taken in ticket order:
+//   1. the block stages that word of every expert's bitmap in shared memory, and every expert's
+//      first assignment for these tokens: its offset (the experts' counts scanned here, by every
+//      block; the first block writes expert_offsets) plus the word's prefix in its bitmap row;
+//   2. each warp takes every (blockDim.x / 32)-th row and counts its assignments (token-choice:
+//      topk; expert-choice: its selected experts);
+//   3. warp 0 scans the 32 counts, publishes the word's aggregate, finds the count before the word
+//      (CountBefore), publishes the inclusive count, and writes the rows' token_offsets;
+//   4. the warps walk their rows' experts in ascending order, 32 at a time, sum expert-choice
+//      denominators in that order and write the plan.
+// So the plan needs no separate scan of either count.
 __global__ void RowPassKernel(RowPassParams p) {
-  extern __shared__ uint32_t staged[];  // bits [num_experts], then (pass 2) base [num_experts]
+  extern __shared__ uint32_t staged[];  // bits [num_experts], then base [num_experts]
   uint32_t* word_bits = staged;
   int32_t* base = reinterpret_cast<int32_t*>(staged + p.num_experts);
-  const int64_t word = blockIdx.x;
-  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
-    word_bits[e] = p.bitmap[e * p.words + word];
-    if constexpr (kWrite) base[e] = p.expert_offsets[e] + p.word_prefix[e * p.words + word];
+  __shared__ int scratch[kWarpSize];
+  __shared__ int32_t row_count[kWarpSize], row_first[kWarpSize];
+  __shared__ uint32_t word_shared;
+  if (threadIdx.x == 0) word_shared = atomicAdd(p.ticket, 1u);
+  __syncthreads();
+  const int64_t word = word_shared;
+  int carry = 0;
+  for (int e0 = 0; e0 < p.num_experts; e0 += blockDim.x) {
+    const int e = e0 + static_cast<int>(threadIdx.x);
+    const int count = e < p.num_experts ? p.expert_counts[e] : 0;
+    int total;
+    const int offset = carry + BlockExclusiveScan(count, scratch, &total);
+    if (e < p.num_experts) {
+      word_bits[e] = p.bitmap[e * p.words + word];
+      base[e] = offset + p.word_prefix[e * p.words + word];
+      if (word == 0) p.expert_offsets[e] = offset;
+    }
+    carry += total;
+  }
+  if (word == 0 && threadIdx.x == 0) {
+    p.expert_offsets[p.num_experts] = carry;
+    p.token_offsets[0] = 0;
   }
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   const unsigned lanes_below = (1u << lane) - 1u;
   const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+
+  for (int t = threadIdx.x / kWarpSize; t < kWarpSize; t += warps) {
+    const int64_t row = word * kWarpSize + t;
+    int count = 0;
+    if (row < p.num_tokens) {
+      const int32_t info = p.row_info[row];
+      if (info < 0) {
+        count = p.topk;
+      } else if (info > 0) {
+        const uint32_t bit = 1u << t;
+        for (int e0 = 0; e0 < p.num_experts; e0 += kWarpSize) {
+          const int e = e0 + lane;
+          count += __popc(__ballot_sync(kFullMask, e < p.num_experts && (word_bits[e] & bit) != 0));
+        }
+      }
+    }
+    if (lane == 0) row_count[t] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x < kWarpSize) {
+    const int count = row_count[lane];
+    int inclusive = count;
+    for (int o = 1; o < kWarpSize; o *= 2) {
+      const int v = __shfl_up_sync(kFullMask, inclusive, o);
+      if (lane >= o) inclusive += v;
+    }
+    const uint32_t word_total = __shfl_sync(kFullMask, inclusive, kWarpSize - 1);
+    if (lane == 0) {
+      PublishWord(&p.word_status[word], word == 0 ? kInclusive : kAggregate, word_total);
+    }
+    const uint32_t before = word == 0 ? 0u : CountBefore(p.word_status, word);
+    if (lane == 0 && word > 0) PublishWord(&p.word_status[word], kInclusive, before + word_total);
+    row_first[lane] = static_cast<int32_t>(before) + inclusive - count;
+    const int64_t row = word * kWarpSize + lane;
+    if (row < p.num_tokens) p.token_offsets[row + 1] = static_cast<int32_t>(before) + inclusive;
+  }
+  __syncthreads();
+
   for (int t = threadIdx.x / kWarpSize; t < kWarpSize; t += warps) {
     const int64_t row = word * kWarpSize + t;
     if (row >= p.num_tokens) break;
     const int32_t info = p.row_info[row];
+    const int32_t first = row_first[t];
     if (info < 0) {
       // Token-choice rows: lane j places entry j; its rank among the row's experts (ascending)
       // is its slot in the token-major index.
       const int64_t i = -static_cast<int64_t>(info) - 1;
-      if constexpr (kWrite) {
-        const int e = lane < p.topk ? p.topk_idx[i * p.topk + lane] : INT_MAX;
-        int rank = 0;
-        for (int j = 0; j < p.topk; ++j) rank += __shfl_sync(kFullMask, e, j) < e;
-        if (lane < p.topk) {
-          const int32_t a = base[e] + __popc(word_bits[e] & ((1u << t) - 1u));
-          p.token_idx[a] = static_cast<int32_t>(row);
-          p.weight[a] = p.topk_weight[i * p.topk + lane];
-          p.token_assignments[p.token_offsets[row] + rank] = a;
-        }
-      } else if (lane == 0) {
-        p.token_offsets[row + 1] = p.topk;
+      const int e = lane < p.topk ? p.topk_idx[i * p.topk + lane] : INT_MAX;
+      int rank = 0;
+      for (int j = 0; j < p.topk; ++j) rank += __shfl_sync(kFullMask, e, j) < e;
+      if (lane < p.topk) {
+        const int32_t a = base[e] + __popc(word_bits[e] & ((1u << t) - 1u));
+        p.token_idx[a] = static_cast<int32_t>(row);
+        p.weight[a] = p.topk_weight[i * p.topk + lane];
+        p.token_assignments[first + rank] = a;
       }
       continue;
     }
     const uint32_t bit = 1u << t;
-    if constexpr (!kWrite) {  // pass 1: the row's count
-      int count = 0;
-      for (int e0 = 0; e0 < p.num_experts; e0 += kWarpSize) {
-        const int e = e0 + lane;
-        count += __popc(__ballot_sync(kFullMask, e < p.num_experts && (word_bits[e] & bit) != 0));
-      }
-      if (lane == 0) p.token_offsets[row + 1] = count;
-      continue;
-    }
-    // Pass 2. Selected experts are walked kGroup chunks of 32 at a time, their logits loaded before
+    // Selected experts are walked kGroup chunks of 32 at a time, their logits loaded before
     // any is used (a row waits for one round of loads per group, not one per chunk). Only
     // expert-choice rows get here with selections, and their logits are not null.
     constexpr int kGroup = 8;
@@ -243,7 +307,6 @@ __global__ void RowPassKernel(RowPassParams p) {
     const bool one_group = p.num_experts <= kGroup * kWarpSize;
     float logit[kGroup];
     if (one_group) load_group(0, logit);
-    const int32_t first = p.token_offsets[row];
     const bool renormalize = info > 0 && p.renormalize[info - 1] != 0;
     // The renormalization denominator: the selected scores summed in ascending expert order.
     float denom = 0.0f;
@@ -290,11 +353,10 @@ __global__ void RowPassKernel(RowPassParams p) {
   }
 }
 
-// Threads per block of a row pass over `blocks` words: 32 warps (one token each) when the whole
+// Threads per block of the row pass over `blocks` words: 32 warps (one row each) when the whole
 // grid is resident at once, else 16. (On the H200: N = 4096, 128 blocks, expert-choice plan 33 ->
 // 28 us; at N = 16384 blocks of 8 warps, one wave, measured slower than two waves of 16.)
-// Occupancy is asked once per kernel and staged size.
-template <bool kWrite>
+// Occupancy is asked once per staged size.
 int RowPassThreads(int64_t blocks, size_t staged_bytes) {
   static absl::Mutex mu;
   static size_t cached_bytes ABSL_GUARDED_BY(mu) = SIZE_MAX;
@@ -304,7 +366,7 @@ int RowPassThreads(int64_t blocks, size_t staged_bytes) {
     int device = 0, sms = 0, per_sm = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, RowPassKernel<kWrite>,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, RowPassKernel,
                                                       32 * kWarpSize, staged_bytes) != cudaSuccess) {
       cudaGetLastError();
       per_sm = 0;
@@ -418,7 +480,10 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
   p.words = words;
   p.bitmap = ws.bitmap;
   p.word_prefix = ws.word_prefix;
+  p.expert_counts = ws.expert_counts;
   p.row_info = ws.row_info;
+  p.word_status = ws.word_status;
+  p.ticket = ws.ticket;
   p.expert_offsets = plan.expert_offsets;
   p.token_offsets = plan.token_offsets;
   p.token_idx = plan.token_idx;
@@ -448,21 +513,17 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
     p.scale = ec->routed_scaling_factor;
   }
 
+  if (num_tokens == 0) {  // no row-pass block: the offsets are all zero
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(plan.expert_offsets, 0,
+                                         (num_experts + 1) * sizeof(int32_t), stream));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(plan.token_offsets, 0, sizeof(int32_t), stream));
+    return absl::OkStatus();
+  }
   ExpertPrefixKernel<<<num_experts, kThreads, 0, stream>>>(ws.bitmap, words, ws.word_prefix,
-                                                           plan.expert_offsets);
+                                                           ws.expert_counts);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const size_t staged_bytes = 2 * num_experts * sizeof(uint32_t);
-  if (num_tokens > 0) {
-    RowPassKernel<false><<<words, RowPassThreads<false>(words, staged_bytes), staged_bytes,
-                           stream>>>(p);
-    CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  }
-  ScanOffsetsKernel<<<2, kScanThreads, 0, stream>>>(plan.expert_offsets, num_experts,
-                                                    plan.token_offsets, num_tokens);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  if (num_tokens == 0) return absl::OkStatus();
-  RowPassKernel<true><<<words, RowPassThreads<true>(words, staged_bytes), staged_bytes, stream>>>(
-      p);
+  RowPassKernel<<<words, RowPassThreads(words, staged_bytes), staged_bytes, stream>>>(p);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

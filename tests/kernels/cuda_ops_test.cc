@@ -1013,6 +1013,25 @@ TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
   EXPECT_EQ(got.plan.expert_offsets, want.plan.expert_offsets);
   EXPECT_EQ(got.plan.token_idx, want.plan.token_idx);
   EXPECT_TRUE(Close(got.plan.weight, want.plan.weight, kRouterWeightRtol, 0.0, "weights"));
+  // The token-major index the combine walks: per token its assignments, in ascending expert
+  // order (assignments are expert-major, so ascending assignment order).
+  {
+    const cuda::DeviceRoutingPlan& d = got.storage.plan();
+    absl::StatusOr<std::vector<int32_t>> offsets = cuda::Download(d.token_offsets, num_tokens + 1);
+    absl::StatusOr<std::vector<int32_t>> assignments =
+        cuda::Download(d.token_assignments, d.num_assignments);
+    ASSERT_TRUE(offsets.ok() && assignments.ok());
+    std::vector<int32_t> want_offsets(num_tokens + 1, 0);
+    for (int32_t t : want.plan.token_idx) ++want_offsets[t + 1];
+    for (int64_t t = 0; t < num_tokens; ++t) want_offsets[t + 1] += want_offsets[t];
+    std::vector<int32_t> want_assignments(want.plan.token_idx.size());
+    std::vector<int32_t> fill(want_offsets.begin(), want_offsets.end() - 1);
+    for (size_t a = 0; a < want.plan.token_idx.size(); ++a) {
+      want_assignments[fill[want.plan.token_idx[a]]++] = static_cast<int32_t>(a);
+    }
+    EXPECT_EQ(*offsets, want_offsets);
+    EXPECT_EQ(*assignments, want_assignments);
+  }
 
   // Deterministic: a second build gives the same bits.
   GpuRouting again;
@@ -1055,7 +1074,7 @@ INSTANTIATE_TEST_SUITE_P(
       cases.push_back({"decode_64_blocks", lengths, options, false});
       cases.push_back({"mixed_40_experts", {37, 20, 50}, {Tc(), ec_raw, ec_batch}, false, 40});
       cases.push_back({"mixed_328_experts", {37, 70, 50}, {Tc(), ec_req, ec_batch}, false, 328});
-      // Grids of 256 and 512 words: the row passes run 16 warps a block where 32-warp blocks would
+      // Grids of 256 and 512 words: the row pass runs 16 warps a block where 32-warp blocks would
       // not all be resident at once (both here on an H100/H200; the grids above run 32).
       cases.push_back({"rows_8192", {4096, 4096}, {Tc(), ec_batch}, false});
       cases.push_back({"rows_16384", {8192, 4096, 4096}, {Tc(), ec_batch, ec_req}, false});
