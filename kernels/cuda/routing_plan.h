@@ -7,8 +7,10 @@
 // selection sets bit `token` in its expert's bitmap (num_experts x num_tokens bits); per-expert
 // popcount prefix sums give each (token, expert) its place, rank by token inside the expert.
 // A warp per token (32 tokens share a block and their bitmap words) then walks its experts in
-// ascending order, which is also the order in which
-// expert-choice renormalization sums a token's scores, as model/routing.cc does on the CPU.
+// ascending order, which is also the order in which expert-choice renormalization sums a token's
+// scores, as model/routing.cc does on the CPU. That pass also scans both counts (each block the
+// experts', and the tokens' by decoupled look-back over the blocks before it), so a build is one
+// memset and four kernels (three for one router).
 // Weights: token-choice ones are taken as the router wrote them; expert-choice ones are
 // s / (sum of the token's selected s) * routed_scaling_factor (renormalized scopes) or
 // s * routed_scaling_factor (raw), s = RouterSigmoid(logit), with the CPU's operation order.
