@@ -63,16 +63,14 @@ constexpr int kStageBytes = kATileBytes + kBTileBytes;
 //     (the bulk copies overlap the next tile's multiplies); with 3 stages and 16 rows 1-17% slower;
 //   - down (K = expert width: 8 slabs per tile, 128 x 256 outputs): 3 stages and 16 rows (kDown3)
 //     or 4 stages and 8 rows (kDown4: 4 stages and 16 rows do not fit).
-// On the H200 kDown4 was 25-32 us faster at N = 16384 (several row tiles per expert, the tensor
-// cores the limit) and 13 us slower for expert-choice at N = 4096 (one tile per expert, DRAM the
-// limit); with 8 rows and 3 stages the layer was as fast as kDown3. So the launch picks kDown4
-// from two row tiles per expert on average (Launch).
+// On the H200 kDown4 was up to 35 us faster at N = 8192 and 16384 (several row tiles per expert,
+// the tensor cores the limit) and 13 us slower for expert-choice at N = 4096 (one tile per
+// expert, DRAM the limit); with 8 rows and 3 stages the layer was as fast as kDown3. So the
+// launch picks kDown4 from two row tiles per expert on average (MoeGemm).
 enum class Kind { kUp, kDown3, kDown4 };
 __host__ __device__ constexpr bool IsUp(Kind k) { return k == Kind::kUp; }
 __host__ __device__ constexpr int Stages(Kind k) { return k == Kind::kDown3 ? 3 : 4; }
-__host__ __device__ constexpr int StagedRows(Kind k) {
-  return k == Kind::kDown3 ? 16 : 8;
-}
+__host__ __device__ constexpr int StagedRows(Kind k) { return k == Kind::kDown3 ? 16 : 8; }
 // Output columns of a tile: the up kernel's SwiGLU halves its 256 accumulator columns.
 __host__ __device__ constexpr int OutCols(Kind k) { return IsUp(k) ? kBN / 2 : kBN; }
 // A staging row: the tile row's BF16 outputs, padded by 16 bytes so that the accumulator

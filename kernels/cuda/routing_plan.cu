@@ -40,12 +40,12 @@ class Carver {
 
 // The arrays up to `ticket` come first: one memset clears them.
 struct Workspace {
-  uint32_t* bitmap;       // [num_experts, words]: bit t of expert e set iff (t, e) is selected
-  int32_t* row_info;      // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
-  uint64_t* word_status;  // [words]: the row pass's published token counts (WordStatus)
-  uint32_t* ticket;       // the row pass's next word
-  size_t cleared_bytes;   // bitmap through ticket
-  int32_t* word_prefix;   // [num_experts, words]: set bits of the expert's earlier words
+  uint32_t* bitmap;        // [num_experts, words]: bit t of expert e set iff (t, e) is selected
+  int32_t* row_info;       // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
+  uint64_t* word_status;   // [words]: the row pass's published token counts (PublishWord)
+  uint32_t* ticket;        // the row pass's next word
+  size_t cleared_bytes;    // bitmap through ticket
+  int32_t* word_prefix;    // [num_experts, words]: set bits of the expert's earlier words
   int32_t* expert_counts;  // [num_experts]
 };
 
@@ -366,8 +366,8 @@ int RowPassThreads(int64_t blocks, size_t staged_bytes) {
     int device = 0, sms = 0, per_sm = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, RowPassKernel,
-                                                      32 * kWarpSize, staged_bytes) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, RowPassKernel, 32 * kWarpSize,
+                                                      staged_bytes) != cudaSuccess) {
       cudaGetLastError();
       per_sm = 0;
     }
@@ -514,8 +514,8 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
   }
 
   if (num_tokens == 0) {  // no row-pass block: the offsets are all zero
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(plan.expert_offsets, 0,
-                                         (num_experts + 1) * sizeof(int32_t), stream));
+    CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(plan.expert_offsets, 0, (num_experts + 1) * sizeof(int32_t), stream));
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(plan.token_offsets, 0, sizeof(int32_t), stream));
     return absl::OkStatus();
   }
