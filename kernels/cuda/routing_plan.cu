@@ -308,48 +308,46 @@ __global__ void RowPassKernel(RowPassParams p) {
     float logit[kGroup];
     if (one_group) load_group(0, logit);
     const bool renormalize = info > 0 && p.renormalize[info - 1] != 0;
-    // The renormalization denominator: the selected scores summed in ascending expert order.
-    float denom = 0.0f;
-    if (renormalize) {
+    // Calls fn(logit, e, bits, selected, ballot) for the row's experts in ascending order, 32 at
+    // a time: lane e % 32 holds expert e, its bitmap word and its logit (if selected).
+    auto walk = [&](auto&& fn) {
       for (int g = 0; g < p.num_experts; g += kGroup * kWarpSize) {
         if (!one_group) load_group(g, logit);
 #pragma unroll
         for (int c = 0; c < kGroup; ++c) {
           const int e = g + c * kWarpSize + lane;
           if (g + c * kWarpSize >= p.num_experts) break;
-          const bool selected = e < p.num_experts && (word_bits[e] & bit) != 0;
-          const unsigned ballot = __ballot_sync(kFullMask, selected);
-          const float s = selected ? RouterSigmoid(logit[c]) : 0.0f;
-          for (unsigned m = ballot; m != 0; m &= m - 1) {
-            denom = __fadd_rn(denom, __shfl_sync(kFullMask, s, __ffs(m) - 1));
-          }
+          const uint32_t bits = e < p.num_experts ? word_bits[e] : 0u;
+          const bool selected = (bits & bit) != 0;
+          fn(logit[c], e, bits, selected, __ballot_sync(kFullMask, selected));
         }
       }
+    };
+    // The renormalization denominator: the selected scores summed in ascending expert order.
+    float denom = 0.0f;
+    if (renormalize) {
+      walk([&](float logit_e, int, uint32_t, bool selected, unsigned ballot) {
+        const float s = selected ? RouterSigmoid(logit_e) : 0.0f;
+        for (unsigned m = ballot; m != 0; m &= m - 1) {
+          denom = __fadd_rn(denom, __shfl_sync(kFullMask, s, __ffs(m) - 1));
+        }
+      });
     }
     int count = 0;
-    for (int g = 0; g < p.num_experts; g += kGroup * kWarpSize) {
-      if (!one_group) load_group(g, logit);
-#pragma unroll
-      for (int c = 0; c < kGroup; ++c) {
-        const int e = g + c * kWarpSize + lane;
-        if (g + c * kWarpSize >= p.num_experts) break;
-        const uint32_t bits = e < p.num_experts ? word_bits[e] : 0u;
-        const bool selected = (bits & bit) != 0;
-        const unsigned ballot = __ballot_sync(kFullMask, selected);
-        if (selected) {
-          const int32_t a = base[e] + __popc(bits & (bit - 1u));
-          float w = 0.0f;  // a selected expert of an unrouted row cannot happen
-          if (info > 0) {
-            const float s = RouterSigmoid(logit[c]);
-            w = renormalize ? __fmul_rn(__fdiv_rn(s, denom), p.scale) : __fmul_rn(s, p.scale);
-          }
-          p.token_idx[a] = static_cast<int32_t>(row);
-          p.weight[a] = w;
-          p.token_assignments[first + count + __popc(ballot & lanes_below)] = a;
+    walk([&](float logit_e, int e, uint32_t bits, bool selected, unsigned ballot) {
+      if (selected) {
+        const int32_t a = base[e] + __popc(bits & (bit - 1u));
+        float w = 0.0f;  // a selected expert of an unrouted row cannot happen
+        if (info > 0) {
+          const float s = RouterSigmoid(logit_e);
+          w = renormalize ? __fmul_rn(__fdiv_rn(s, denom), p.scale) : __fmul_rn(s, p.scale);
         }
-        count += __popc(ballot);
+        p.token_idx[a] = static_cast<int32_t>(row);
+        p.weight[a] = w;
+        p.token_assignments[first + count + __popc(ballot & lanes_below)] = a;
       }
-    }
+      count += __popc(ballot);
+    });
   }
 }
 
