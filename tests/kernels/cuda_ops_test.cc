@@ -1302,6 +1302,66 @@ TEST(MoeExpertsTest, FusedPathOnHopper) {
   EXPECT_FALSE(cuda::MoeExpertsFused(DType::kBF16, 8, 64, 32));
 }
 
+// The fused kernels again and again on a workspace and an output set to NaN before every call:
+// reading anything before it is written (a tile list entry, an activation row, a stage of the
+// ring) would show as NaN or as a change between runs. Shapes: pairs and single tiles with the
+// 4-stage down kernel; an odd number of up column tiles (width 384: a CTA with no column) with
+// the 3-stage one.
+class FusedMoeRepeatTest : public ::testing::TestWithParam<MoeCase> {};
+
+TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
+  SKIP_WITHOUT_GPU();
+  const MoeCase c = GetParam();
+  if (!cuda::MoeExpertsFused(c.dtype, c.experts, c.hidden, c.width)) {
+    GTEST_SKIP() << "no fused kernels on this GPU";
+  }
+  const RoutingPlan plan = RandomPlan(c.tokens, c.experts, c.max_experts, 131);
+  HostTensor w13(c.dtype, {c.experts, 2 * c.width, c.hidden});
+  HostTensor w2(c.dtype, {c.experts, c.hidden, c.width});
+  FillRandom(&w13, 132, 0.05f);
+  FillRandom(&w2, 133, 0.05f);
+  absl::StatusOr<cuda::DeviceRoutingPlanStorage> d_plan = cuda::UploadRoutingPlan(plan);
+  ASSERT_TRUE(d_plan.ok()) << d_plan.status();
+  DeviceArray<uint8_t> d_w13(
+      std::span<const uint8_t>(static_cast<const uint8_t*>(w13.raw()), w13.bytes()));
+  DeviceArray<uint8_t> d_w2(
+      std::span<const uint8_t>(static_cast<const uint8_t*>(w2.raw()), w2.bytes()));
+  DeviceArray<uint16_t> d_x(ToBf16Bits(RandomFloats(c.tokens * c.hidden, 134)));
+  const int64_t n = plan.num_assignments();
+  DeviceArray<uint16_t> d_expert_out(n * c.hidden);
+  DeviceArray<uint8_t> d_ws(
+      cuda::MoeExpertsWorkspaceBytes(c.dtype, n, c.experts, c.hidden, c.width));
+  absl::StatusOr<std::unique_ptr<cuda::Gemm>> gemm = cuda::Gemm::Create(nullptr);
+  ASSERT_TRUE(gemm.ok()) << gemm.status();
+  cuda::MoeExpertsArgs args;
+  args.x = d_x.get();
+  args.plan = d_plan->plan();
+  args.w13 = {c.dtype, d_w13.get(), c.experts, 2 * c.width, c.hidden};
+  args.w2 = {c.dtype, d_w2.get(), c.experts, c.hidden, c.width};
+  args.expert_out = d_expert_out.get();
+  args.workspace = d_ws.get();
+  args.workspace_bytes = d_ws.size();
+  std::vector<uint16_t> first;
+  for (int run = 0; run < 20; ++run) {
+    d_ws.Poison();
+    d_expert_out.Poison();
+    ASSERT_OK(cuda::MoeExperts(**gemm, args));
+    const std::vector<uint16_t> got = d_expert_out.ToHost();
+    if (run == 0) {
+      for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_FALSE(std::isnan(Bf16ToFloat(got[i]))) << "element " << i;
+      }
+      first = got;
+    } else {
+      ASSERT_EQ(got, first) << "run " << run;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Grid, FusedMoeRepeatTest,
+                         ::testing::Values(MoeCase{3000, 32, 1024, 256, 8, DType::kBF16, false},
+                                           MoeCase{600, 8, 768, 384, 4, DType::kBF16, false}));
+
 // ---------------------------------------------------------------------------------------------
 // Attention over the KV cache, packed batches of chunks
 
