@@ -4,7 +4,8 @@
 //     column tile of its weights. Each CTA copies one of B's two 128-row boxes into both CTAs'
 //     shared memory (TMA multicast), so B leaves L2 once for 256 rows of A;
 //   - a single unit: an expert's odd last row tile against two column tiles, one per CTA, each
-//     copying all of its B itself.
+//     copying all of its B itself. It may be tall: up to kTallRows rows more than kBM, which the
+//     consumers compute as a swapped product beside the tile's own (Consume).
 // Each CTA:
 //   warpgroup 0: producer. It waits until both CTAs' consumers have freed a stage of the ring (the
 //                peer writes into it too), then fills it:
@@ -33,6 +34,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <type_traits>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_check.h"
@@ -55,7 +57,13 @@ constexpr int kBK = 64;
 constexpr int kRowBytes = kBK * 2;
 constexpr int kATileBytes = kBM * kRowBytes;
 constexpr int kBTileBytes = kBN * kRowBytes;
-constexpr int kStageBytes = kATileBytes + kBTileBytes;
+// A tall tile: an expert's last full tile plus a remainder of up to kTallRows rows, which the
+// same CTA computes as a swapped product (the B tile's rows as wgmma's 64-row operand, the
+// remainder's rows as its n32 operand), so that a remainder costs a quarter more multiplies on
+// one tile instead of a second row tile (see Consume). The remainder's rows follow the tile's
+// 128 in the stage.
+constexpr int kTallRows = 32;
+constexpr int kTallBytes = kTallRows * kRowBytes;
 // The three kernels. Every output tile leaves through shared memory (StoreStaged), each consumer
 // warp staging its 16 rows at once or 8 at a time:
 //   - up (K = hidden: 32 slabs per tile, 128 x 128 SwiGLU outputs): 4 stages, 8 rows. Against
@@ -70,6 +78,14 @@ constexpr int kStageBytes = kATileBytes + kBTileBytes;
 enum class Kind { kUp, kDown3, kDown4 };
 __host__ __device__ constexpr bool IsUp(Kind k) { return k == Kind::kUp; }
 __host__ __device__ constexpr int Stages(Kind k) { return k == Kind::kDown3 ? 3 : 4; }
+// Tall tiles need room for their remainder in every stage, which kDown4 has not (4 stages and 8
+// staging rows fill shared memory): with kDown4 the tile list has none.
+__host__ __device__ constexpr bool HasTall(Kind k) { return k != Kind::kDown4; }
+// A stage: A (the tile's rows, then a tall tile's remainder), then B.
+__host__ __device__ constexpr int AStageBytes(Kind k) {
+  return kATileBytes + (HasTall(k) ? kTallBytes : 0);
+}
+__host__ __device__ constexpr int StageBytes(Kind k) { return AStageBytes(k) + kBTileBytes; }
 __host__ __device__ constexpr int StagedRows(Kind k) { return k == Kind::kDown3 ? 16 : 8; }
 // Output columns of a tile: the up kernel's SwiGLU halves its 256 accumulator columns.
 __host__ __device__ constexpr int OutCols(Kind k) { return IsUp(k) ? kBN / 2 : kBN; }
@@ -80,7 +96,7 @@ __host__ __device__ constexpr int StagingWarpBytes(Kind k) {
   return StagedRows(k) * StagingRowBytes(k);
 }
 constexpr size_t SmemBytes(Kind k) {
-  return size_t{1024} + size_t(Stages(k)) * kStageBytes +
+  return size_t{1024} + size_t(Stages(k)) * StageBytes(k) +
          size_t{kConsumerWarps} * StagingWarpBytes(k) + 2 * Stages(k) * sizeof(uint64_t);
 }
 static_assert(SmemBytes(Kind::kUp) <= 227 * 1024 && SmemBytes(Kind::kDown3) <= 227 * 1024 &&
@@ -99,20 +115,26 @@ enum MoeTilePair : int32_t { kSingle = 0, kPairFirst = 1, kPairSecond = 2 };
 
 struct MoeTile {
   int32_t row_begin;  // first assignment of the tile
-  int32_t rows;       // 1..kBM (0: nothing to compute, see WorkOf)
+  int32_t rows;       // 1..kBM, or up to kBM + kTallRows for a tall tile (0: see WorkOf)
   int32_t expert;
   int32_t pair;  // MoeTilePair
 };
 
 // One block of kMaxExperts threads: thread e emits expert e's ceil(count / kBM) tiles at its
-// exclusive prefix; the last thread writes the number of tiles.
+// exclusive prefix (with `tall`, a remainder of at most kTallRows rows joins the last full tile
+// instead, when that tile is single); the last thread writes the number of tiles.
 __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int num_experts,
-                               MoeTile* __restrict__ tiles, int32_t* __restrict__ num_tiles) {
+                               bool tall, MoeTile* __restrict__ tiles,
+                               int32_t* __restrict__ num_tiles) {
   __shared__ int32_t warp_total[kMaxExperts / kWarpSize];
   const int e = threadIdx.x, lane = e % kWarpSize, warp = e / kWarpSize;
   const int32_t begin = e < num_experts ? expert_offsets[e] : 0;
   const int32_t count = e < num_experts ? expert_offsets[e + 1] - begin : 0;
-  const int32_t mine = (count + kBM - 1) / kBM;
+  // Only a single last tile becomes tall: as the second tile of a pair it would slow the pair's
+  // other CTA too (token-choice skew N = 1024: 196 -> 208 us).
+  const int32_t rest = count % kBM;
+  const bool tall_last = tall && (count / kBM) % 2 == 1 && rest > 0 && rest <= kTallRows;
+  const int32_t mine = tall_last ? count / kBM : (count + kBM - 1) / kBM;
   int32_t incl = mine;
   for (int o = 1; o < kWarpSize; o *= 2) {
     const int32_t v = __shfl_up_sync(kFullMask, incl, o);
@@ -132,13 +154,15 @@ __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int n
   const int32_t first = warp_total[warp] + incl - mine;
   for (int32_t i = 0; i < mine; ++i) {
     const int32_t pair = i % 2 == 1 ? kPairSecond : (i + 1 < mine ? kPairFirst : kSingle);
-    tiles[first + i] = {begin + i * kBM, min(kBM, count - i * kBM), e, pair};
+    const int32_t rows = tall_last && i == mine - 1 ? kBM + rest : min(kBM, count - i * kBM);
+    tiles[first + i] = {begin + i * kBM, rows, e, pair};
   }
   if (e == blockDim.x - 1) *num_tiles = first + mine;
 }
 
 struct KernelParams {
   CUtensorMap a_map;         // down: act [assignments, k], 64-row boxes (up: unused)
+  CUtensorMap a_tall_map;    // down: the same with kTallRows-row boxes (a tall tile's remainder)
   CUtensorMap b_map;         // the weights [experts * b_rows_per_expert, k], 128-row boxes
   const __nv_bfloat16* x;    // up: [tokens, k], gathered with cp.async; down: null
   const int32_t* token_idx;  // up: the plan's token_idx; down: null (rows are assignments)
@@ -285,9 +309,25 @@ __device__ __forceinline__ void Wgmma256(float (&d)[128], uint64_t desc_a, uint6
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-__device__ __forceinline__ void FenceOperands(float (&d)[128]) {
+// D[64 x 32] (+)= A[64 x 16] B[32 x 16]^T: a tall tile's remainder, swapped (A: 64 rows of the
+// B tile, B: the remainder's 32 rows).
+__device__ __forceinline__ void Wgmma32(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                        int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+template <int kN>
+__device__ __forceinline__ void FenceOperands(float (&d)[kN]) {
 #pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // Work unit u of a cluster (the two CTAs walk the same units): each tile-list slot b owns
@@ -300,6 +340,7 @@ struct TileWork {
   int nt;        // output column tile
   bool share_b;  // a pair: this CTA copies B box `rank` to both CTAs
   bool share_a;  // a single unit: both CTAs read the same A rows
+  bool tall;     // mt is a tall tile (even where rows was set to 0: its peer copies its remainder)
 };
 __device__ __forceinline__ int UnitCount(const KernelParams& p) {
   return *p.num_tiles * ((p.n_tiles + 1) / 2);
@@ -307,7 +348,7 @@ __device__ __forceinline__ int UnitCount(const KernelParams& p) {
 __device__ __forceinline__ TileWork WorkOf(const KernelParams& p, int u, uint32_t rank) {
   const int h = (p.n_tiles + 1) / 2;
   const int b = u / h, q = u % h;
-  TileWork w{p.tiles[b], 0, false, false};
+  TileWork w{p.tiles[b], 0, false, false, false};
   if (w.mt.pair == kSingle) {
     w.nt = 2 * q + static_cast<int>(rank);
     w.share_a = true;
@@ -317,6 +358,7 @@ __device__ __forceinline__ TileWork WorkOf(const KernelParams& p, int u, uint32_
     w.mt = p.tiles[b0 + rank];
     w.share_b = true;
   }
+  w.tall = w.mt.rows > kBM;
   if (w.nt >= p.n_tiles) {
     w.nt = p.n_tiles - 1;
     w.mt.rows = 0;
@@ -348,28 +390,37 @@ __device__ __forceinline__ void LoadB(const KernelParams& p, const TileWork& w, 
 
 // The down kernel's producer: one thread, tensor copies only. Stage s is full once its one
 // arrival (with the byte count) is in and the copies' bytes have landed.
-template <int kStages>
+template <Kind kKind>
 __device__ __forceinline__ void ProduceTiles(const KernelParams& p, uint32_t smem_base,
                                              uint64_t* full, uint64_t* empty) {
+  constexpr int kStages = Stages(kKind);
   const uint32_t rank = ClusterRank();
   const int k_tiles = p.k / kBK;
   int it = 0;
   ForEachUnit(p, rank, [&](const TileWork& w) {
     const int32_t b_row = BRow(p, w);
+    const bool tall = HasTall(kKind) && w.tall;
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int stage = it % kStages;
       MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
-      const uint32_t sa = smem_base + stage * kStageBytes;
-      MbarArriveExpectBytes(&full[stage], kStageBytes);
-      if (w.share_a) {  // each CTA copies one half of the rows to both
+      const uint32_t sa = smem_base + stage * StageBytes(kKind);
+      MbarArriveExpectBytes(&full[stage], kATileBytes + kBTileBytes + (tall ? kTallBytes : 0));
+      if (w.share_a) {  // each CTA copies one half of the rows to both, the first the remainder
         TmaLoadMulticast(sa + rank * (kATileBytes / 2), &p.a_map, kt * kBK,
                          w.mt.row_begin + static_cast<int32_t>(rank) * (kBM / 2), &full[stage],
                          0x3);
+        if (tall && rank == 0) {
+          TmaLoadMulticast(sa + kATileBytes, &p.a_tall_map, kt * kBK, w.mt.row_begin + kBM,
+                           &full[stage], 0x3);
+        }
       } else {
         TmaLoad(sa, &p.a_map, kt * kBK, w.mt.row_begin, &full[stage]);
         TmaLoad(sa + kATileBytes / 2, &p.a_map, kt * kBK, w.mt.row_begin + kBM / 2, &full[stage]);
+        if (tall) {
+          TmaLoad(sa + kATileBytes, &p.a_tall_map, kt * kBK, w.mt.row_begin + kBM, &full[stage]);
+        }
       }
-      LoadB(p, w, rank, b_row, kt, sa + kATileBytes, &full[stage]);
+      LoadB(p, w, rank, b_row, kt, sa + AStageBytes(kKind), &full[stage]);
     }
   });
 }
@@ -383,7 +434,8 @@ __device__ __forceinline__ void ProduceTiles(const KernelParams& p, uint32_t sme
 template <int kStages>
 __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t smem_base,
                                               uint64_t* full, uint64_t* empty) {
-  constexpr int kChunks = kRowBytes / 16, kRowStep = 128 / kChunks, kRows = kBM / kRowStep;
+  constexpr int kChunks = kRowBytes / 16, kRowStep = 128 / kChunks;
+  constexpr int kRows = kBM / kRowStep, kTallRowsEach = kTallRows / kRowStep;
   const int t = threadIdx.x;  // 0..127
   const int chunk = t % kChunks, row0 = t / kChunks;
   // Rows row0 + kRowStep i all sit at the same place in the swizzle pattern.
@@ -393,27 +445,31 @@ __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t sm
   int it = 0;
   ForEachUnit(p, rank, [&](const TileWork& w) {
     const MoeTile& mt = w.mt;
-    const __nv_bfloat16* a_row[kRows];
-    uint32_t a_bytes[kRows];
+    // Rows kBM and up (a tall tile's remainder) are copied only for tall tiles.
+    const __nv_bfloat16* a_row[kRows + kTallRowsEach];
+    uint32_t a_bytes[kRows + kTallRowsEach];
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
+    for (int i = 0; i < kRows + kTallRowsEach; ++i) {
       const int r = row0 + kRowStep * i;
       const bool valid = r < mt.rows;
       a_row[i] = p.x + (valid ? int64_t{p.token_idx[mt.row_begin + r]} : 0) * p.k + chunk * 8;
       a_bytes[i] = valid ? 16 : 0;
     }
+    const bool tall = mt.rows > kBM;
     const int32_t b_row = BRow(p, w);
     for (int kt = 0; kt < k_tiles; ++kt, ++it) {
       const int stage = it % kStages;
       MbarWait(&empty[stage], ((it / kStages) & 1) ^ 1);
-      const uint32_t sa = smem_base + stage * kStageBytes, sb = sa + kATileBytes;
+      const uint32_t sa = smem_base + stage * StageBytes(Kind::kUp);
+      const uint32_t sb = sa + AStageBytes(Kind::kUp);
       if (t == 0) {
         MbarArriveExpectBytes(&full[stage], kBTileBytes);
         LoadB(p, w, rank, b_row, kt, sb, &full[stage]);
       }
       const uint32_t dst = sa + row0 * kRowBytes + swz;
 #pragma unroll
-      for (int i = 0; i < kRows; ++i) {
+      for (int i = 0; i < kRows + kTallRowsEach; ++i) {
+        if (i >= kRows && !tall) break;
         CpAsync16(dst + i * kRowStep * kRowBytes, a_row[i] + kt * kBK, a_bytes[i]);
       }
       asm volatile("cp.async.commit_group;" ::: "memory");
@@ -432,14 +488,16 @@ __device__ __forceinline__ void ProduceGather(const KernelParams& p, uint32_t sm
 // + q % 2 of the warpgroup's 64 x 256 block.) The up kernel's SwiGLU uses the hardware exp and
 // divide (__expf, __fdividef): their float error, a few ulps, is far below the BF16 rounding that
 // follows, and they made the layer 2-3% faster at N >= 4096 tokens than IEEE expf and division.
+__device__ __forceinline__ float Swiglu(float g, float u) {
+  return __fdividef(g, 1.0f + __expf(-g)) * u;
+}
 template <Kind kKind>
 __device__ __forceinline__ __nv_bfloat162 OutPair(const float (&acc)[128], int j, int half) {
   if constexpr (IsUp(kKind)) {
     float h[2];
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-      const float g = acc[4 * j + 2 * half + q], u = acc[64 + 4 * j + 2 * half + q];
-      h[q] = __fdividef(g, 1.0f + __expf(-g)) * u;
+      h[q] = Swiglu(acc[4 * j + 2 * half + q], acc[64 + 4 * j + 2 * half + q]);
     }
     return __floats2bfloat162_rn(h[0], h[1]);
   } else {
@@ -490,6 +548,37 @@ __device__ __forceinline__ void StoreStaged(const KernelParams& p, const MoeTile
   }
 }
 
+// The B tile rows of warpgroup cw's two remainder blocks: up, gate rows 64 cw .. and the matching
+// up rows 128 + 64 cw .. (so SwiGLU pairs registers of one thread); down, rows 128 cw .. + 128.
+template <Kind kKind>
+__device__ __forceinline__ int RemainderRow(int cw, int block) {
+  return IsUp(kKind) ? 128 * block + 64 * cw : 128 * cw + 64 * block;
+}
+
+// A tall tile's remainder rows, from the swapped accumulators: register 4 j + q of block b holds
+// output column RemainderRow(cw, b) + warp * 16 + lane / 4 + 8 (q / 2) of remainder row
+// 8 j + 2 (lane % 4) + q % 2. Few and scattered: plain 2-byte stores.
+template <Kind kKind>
+__device__ __forceinline__ void StoreRemainder(const KernelParams& p, const MoeTile& mt, int nt,
+                                               int cw, int warp, int lane,
+                                               const float (&rem)[2][16]) {
+  const int extra = mt.rows - kBM;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const int row = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+    if (row >= extra) continue;
+    const int col = warp * 16 + lane / 4 + 8 * ((i % 4) / 2);
+    __nv_bfloat16* out =
+        p.out + static_cast<int64_t>(mt.row_begin + kBM + row) * p.out_cols + nt * OutCols(kKind);
+    if constexpr (IsUp(kKind)) {
+      out[RemainderRow<kKind>(cw, 0) + col] = __float2bfloat16_rn(Swiglu(rem[0][i], rem[1][i]));
+    } else {
+      out[RemainderRow<kKind>(cw, 0) + col] = __float2bfloat16_rn(rem[0][i]);
+      out[RemainderRow<kKind>(cw, 1) + col] = __float2bfloat16_rn(rem[1][i]);
+    }
+  }
+}
+
 template <Kind kKind>
 __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_base, uint64_t* full,
                                         uint64_t* empty) {
@@ -499,7 +588,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
   const int cw = ct / 128;           // consumer warpgroup: A rows 64 cw ..
   const int warp = (ct % 128) / kWarpSize, lane = ct % kWarpSize;
   const uint32_t staging =
-      smem_base + kStages * kStageBytes + (ct / kWarpSize) * StagingWarpBytes(kKind);
+      smem_base + kStages * StageBytes(kKind) + (ct / kWarpSize) * StagingWarpBytes(kKind);
   const uint32_t rank = ClusterRank();
   // A stage is free once both CTAs' consumers are done with it: the peer's producer writes into
   // this CTA's stage too (its half of B).
@@ -512,10 +601,12 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
   };
   const int k_tiles = p.k / kBK;
   float acc[128];
+  float rem[2][16];  // a tall tile's remainder (StoreRemainder)
   int it = 0;
   ForEachUnit(p, rank, [&](const TileWork& w) {
     const MoeTile& mt = w.mt;
     const int nt = w.nt;
+    const bool tall = HasTall(kKind) && mt.rows > kBM;
     if (cw * 64 >= mt.rows) {
       // No rows for this warpgroup (a tile of <= 64 rows, or none): pass the stages through and
       // leave the tensor cores to the other one.
@@ -526,30 +617,60 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
       }
       return;
     }
-    int prev_stage = 0;
-    for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-      const int stage = it % kStages;
-      MbarWait(&full[stage], (it / kStages) & 1);
-      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-      const uint32_t sa = smem_base + stage * kStageBytes + cw * 64 * kRowBytes;
-      const uint32_t sb = smem_base + stage * kStageBytes + kATileBytes;
-      const uint64_t da = SmemDesc(sa), db = SmemDesc(sb);
+    // The K loop, once with a tall tile's swapped remainder and once without: one loop with the
+    // remainder's multiplies under a branch made ptxas serialize every wgmma (C7520).
+    auto multiply = [&](auto with_remainder) {
+      constexpr bool kTall = decltype(with_remainder)::value;
+      int prev_stage = 0;
+      for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+        const int stage = it % kStages;
+        MbarWait(&full[stage], (it / kStages) & 1);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        const uint32_t st = smem_base + stage * StageBytes(kKind);
+        const uint32_t sb = st + AStageBytes(kKind);
+        const uint64_t da = SmemDesc(st + cw * 64 * kRowBytes), db = SmemDesc(sb);
 #pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) Wgmma256(acc, da + 2 * kk, db + 2 * kk, kt | kk);
-      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      if (kt > 0) {
-        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-        FenceOperands(acc);
-        release(prev_stage);
+        for (int kk = 0; kk < kBK / 16; ++kk) Wgmma256(acc, da + 2 * kk, db + 2 * kk, kt | kk);
+        if constexpr (kTall) {
+          const uint64_t dr = SmemDesc(st + kATileBytes);
+#pragma unroll
+          for (int b = 0; b < 2; ++b) {
+            const uint64_t dw = SmemDesc(sb + RemainderRow<kKind>(cw, b) * kRowBytes);
+#pragma unroll
+            for (int kk = 0; kk < kBK / 16; ++kk) {
+              Wgmma32(rem[b], dw + 2 * kk, dr + 2 * kk, kt | kk);
+            }
+          }
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        if (kt > 0) {
+          asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+          FenceOperands(acc);
+          if constexpr (kTall) {
+            FenceOperands(rem[0]);
+            FenceOperands(rem[1]);
+          }
+          release(prev_stage);
+        }
+        prev_stage = stage;
       }
-      prev_stage = stage;
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      FenceOperands(acc);
+      if constexpr (kTall) {
+        FenceOperands(rem[0]);
+        FenceOperands(rem[1]);
+      }
+      release(prev_stage);
+    };
+    if (tall) {
+      multiply(std::true_type{});
+    } else {
+      multiply(std::false_type{});
     }
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-    FenceOperands(acc);
-    release(prev_stage);
 
     const int warp_row0 = cw * 64 + warp * 16;
     StoreStaged<kKind>(p, mt, nt, warp_row0, staging, acc);
+    if (tall) StoreRemainder<kKind>(p, mt, nt, cw, warp, lane, rem);
   });
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
@@ -564,7 +685,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem =
       reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes +
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * StageBytes(kKind) +
                                                kConsumerWarps * StagingWarpBytes(kKind));
   uint64_t* empty = full + kStages;
   if (threadIdx.x == 0) {
@@ -585,7 +706,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kUp) {
       ProduceGather<kStages>(p, SmemAddr(smem), full, empty);
     } else if (threadIdx.x == 0) {
-      ProduceTiles<kStages>(p, SmemAddr(smem), full, empty);
+      ProduceTiles<kKind>(p, SmemAddr(smem), full, empty);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 224;");
@@ -754,8 +875,11 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   auto* act = reinterpret_cast<__nv_bfloat16*>(
       base + AlignUp(max_tiles * sizeof(MoeTile) + sizeof(int32_t)));
 
+  // See Kind: the deeper ring pays once an expert's weights serve two row tiles on average; it
+  // leaves no room for tall tiles.
+  const bool down4 = n >= 2 * kBM * experts;
   TileListKernel<<<1, kMaxExperts, 0, stream>>>(a.plan.expert_offsets, static_cast<int>(experts),
-                                                tiles, num_tiles);
+                                                !down4, tiles, num_tiles);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
   KernelParams up{};
@@ -773,6 +897,7 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   up.out = act;
   KernelParams down{};
   RETURN_IF_ERROR(EncodeRows(&down.a_map, act, n, a.expert_width, kBM / 2));
+  RETURN_IF_ERROR(EncodeRows(&down.a_tall_map, act, n, a.expert_width, kTallRows));
   RETURN_IF_ERROR(EncodeRows(&down.b_map, a.w2, experts * a.hidden, a.expert_width, kBN / 2));
   down.x = nullptr;
   down.token_idx = nullptr;
@@ -786,8 +911,7 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   down.num_tiles = num_tiles;
   down.out = static_cast<__nv_bfloat16*>(a.expert_out);
   RETURN_IF_ERROR(Launch<Kind::kUp>(up, max_tiles, stream));
-  // See Kind: the deeper ring pays once an expert's weights serve two row tiles on average.
-  if (n >= 2 * kBM * experts) return Launch<Kind::kDown4>(down, max_tiles, stream);
+  if (down4) return Launch<Kind::kDown4>(down, max_tiles, stream);
   return Launch<Kind::kDown3>(down, max_tiles, stream);
 }
 

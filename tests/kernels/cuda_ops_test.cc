@@ -1182,31 +1182,52 @@ struct MoeCase {
   DType dtype;
   bool uniform;  // every expert the same count (expert-choice): the strided-batched path
   cuda::MoeExpertsPath path = cuda::MoeExpertsPath::kAuto;  // kAuto: fused where it fits
+  // When set, expert e takes counts[e] distinct random tokens (tokens, uniform unused).
+  std::vector<int32_t> counts = {};
 };
 void PrintTo(const MoeCase& c, std::ostream* os) {
   *os << "tokens=" << c.tokens << " experts=" << c.experts << " hidden=" << c.hidden
-      << " width=" << c.width << " " << DTypeName(c.dtype) << (c.uniform ? " uniform" : " ragged")
+      << " width=" << c.width << " " << DTypeName(c.dtype)
+      << (!c.counts.empty() ? " counts"
+          : c.uniform       ? " uniform"
+                            : " ragged")
       << (c.path == cuda::MoeExpertsPath::kCublas ? " cublas" : " auto");
+}
+// Each expert takes counts[e] distinct random tokens.
+RoutingPlan PlanWithCounts(int64_t tokens, const std::vector<int32_t>& counts, uint32_t seed) {
+  std::mt19937 rng(seed);
+  RoutingPlanBuilder builder(tokens, static_cast<int64_t>(counts.size()));
+  std::vector<int32_t> order(tokens);
+  for (size_t e = 0; e < counts.size(); ++e) {
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int32_t j = 0; j < counts[e]; ++j) {
+      builder.Add(order[j], static_cast<int32_t>(e), 0.5f + 0.01f * j);
+    }
+  }
+  return std::move(builder).Finish();
+}
+RoutingPlan MakeMoePlan(const MoeCase& c, uint32_t seed) {
+  if (!c.counts.empty()) return PlanWithCounts(c.tokens, c.counts, seed);
+  if (c.uniform) {
+    return PlanWithCounts(c.tokens, std::vector<int32_t>(c.experts, c.max_experts), seed);
+  }
+  return RandomPlan(c.tokens, c.experts, c.max_experts, seed);
+}
+// Tall tiles (moe_gemm.cu: a remainder of 1-32 rows on a single last full tile): experts of 129,
+// 160 and 400 rows; beside them remainders in tiles of their own (161: 33 rows; 270: the full
+// tiles pair up), one full tile, a short one, none.
+MoeCase TallTileCase() {
+  MoeCase c{450, 8, 512, 256, 0, DType::kBF16, false};
+  c.counts = {129, 160, 161, 270, 400, 40, 0, 128};
+  return c;
 }
 class MoeExpertsTest : public ::testing::TestWithParam<MoeCase> {};
 
 TEST_P(MoeExpertsTest, MatchesCpu) {
   SKIP_WITHOUT_GPU();
   const MoeCase c = GetParam();
-  RoutingPlan plan;
-  if (c.uniform) {  // each expert takes `max_experts` distinct random tokens
-    std::mt19937 rng(121);
-    RoutingPlanBuilder builder(c.tokens, c.experts);
-    std::vector<int32_t> order(c.tokens);
-    for (int64_t e = 0; e < c.experts; ++e) {
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
-      for (int64_t j = 0; j < c.max_experts; ++j) builder.Add(order[j], e, 0.5f + 0.01f * j);
-    }
-    plan = std::move(builder).Finish();
-  } else {
-    plan = RandomPlan(c.tokens, c.experts, c.max_experts, 122);
-  }
+  const RoutingPlan plan = MakeMoePlan(c, c.uniform ? 121 : 122);
   HostTensor w13(c.dtype, {c.experts, 2 * c.width, c.hidden});
   HostTensor w2(c.dtype, {c.experts, c.hidden, c.width});
   FillRandom(&w13, 123, 0.05f);
@@ -1288,7 +1309,11 @@ INSTANTIATE_TEST_SUITE_P(Grid, MoeExpertsTest,
                                            // of 5-7 row tiles: tile pairs sharing B across the
                                            // cluster, and a single last tile split by columns.
                                            MoeCase{1000, 4, 512, 256, 3, DType::kBF16, false},
-                                           MoeCase{1200, 16, 1024, 512, 8, DType::kBF16, false}));
+                                           MoeCase{1200, 16, 1024, 512, 8, DType::kBF16, false},
+                                           TallTileCase(),
+                                           // Every expert 160 rows, like expert-choice with
+                                           // capacity factor 1.25 at 4096 tokens.
+                                           MoeCase{1280, 8, 1024, 512, 160, DType::kBF16, true}));
 
 // On a Hopper GPU the mini shape takes the fused kernels: the grid above then tests them.
 TEST(MoeExpertsTest, FusedPathOnHopper) {
@@ -1306,7 +1331,7 @@ TEST(MoeExpertsTest, FusedPathOnHopper) {
 // reading anything before it is written (a tile list entry, an activation row, a stage of the
 // ring) would show as NaN or as a change between runs. Shapes: pairs and single tiles with the
 // 4-stage down kernel; an odd number of up column tiles (width 384: a CTA with no column) with
-// the 3-stage one.
+// the 3-stage one; tall tiles.
 class FusedMoeRepeatTest : public ::testing::TestWithParam<MoeCase> {};
 
 TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
@@ -1315,7 +1340,7 @@ TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
   if (!cuda::MoeExpertsFused(c.dtype, c.experts, c.hidden, c.width)) {
     GTEST_SKIP() << "no fused kernels on this GPU";
   }
-  const RoutingPlan plan = RandomPlan(c.tokens, c.experts, c.max_experts, 131);
+  const RoutingPlan plan = MakeMoePlan(c, 131);
   HostTensor w13(c.dtype, {c.experts, 2 * c.width, c.hidden});
   HostTensor w2(c.dtype, {c.experts, c.hidden, c.width});
   FillRandom(&w13, 132, 0.05f);
@@ -1360,7 +1385,8 @@ TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
 
 INSTANTIATE_TEST_SUITE_P(Grid, FusedMoeRepeatTest,
                          ::testing::Values(MoeCase{3000, 32, 1024, 256, 8, DType::kBF16, false},
-                                           MoeCase{600, 8, 768, 384, 4, DType::kBF16, false}));
+                                           MoeCase{600, 8, 768, 384, 4, DType::kBF16, false},
+                                           TallTileCase()));
 
 // ---------------------------------------------------------------------------------------------
 // Attention over the KV cache, packed batches of chunks
