@@ -621,6 +621,16 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     // remainder's multiplies under a branch made ptxas serialize every wgmma (C7520).
     auto multiply = [&](auto with_remainder) {
       constexpr bool kTall = decltype(with_remainder)::value;
+      // Once the wgmma groups reading `stage` have completed: their accumulators are final for
+      // the compiler, and the stage goes back to the producers.
+      auto retired = [&](int stage) {
+        FenceOperands(acc);
+        if constexpr (kTall) {
+          FenceOperands(rem[0]);
+          FenceOperands(rem[1]);
+        }
+        release(stage);
+      };
       int prev_stage = 0;
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int stage = it % kStages;
@@ -645,22 +655,12 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         if (kt > 0) {
           asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-          FenceOperands(acc);
-          if constexpr (kTall) {
-            FenceOperands(rem[0]);
-            FenceOperands(rem[1]);
-          }
-          release(prev_stage);
+          retired(prev_stage);
         }
         prev_stage = stage;
       }
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-      FenceOperands(acc);
-      if constexpr (kTall) {
-        FenceOperands(rem[0]);
-        FenceOperands(rem[1]);
-      }
-      release(prev_stage);
+      retired(prev_stage);
     };
     if (tall) {
       multiply(std::true_type{});

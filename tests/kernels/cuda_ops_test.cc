@@ -1222,6 +1222,11 @@ MoeCase TallTileCase() {
   c.counts = {129, 160, 161, 270, 400, 40, 0, 128};
   return c;
 }
+// A host tensor's bytes on the device.
+DeviceArray<uint8_t> BytesOnDevice(const HostTensor& t) {
+  return DeviceArray<uint8_t>(
+      std::span<const uint8_t>(static_cast<const uint8_t*>(t.raw()), t.bytes()));
+}
 class MoeExpertsTest : public ::testing::TestWithParam<MoeCase> {};
 
 TEST_P(MoeExpertsTest, MatchesCpu) {
@@ -1241,10 +1246,7 @@ TEST_P(MoeExpertsTest, MatchesCpu) {
 
   absl::StatusOr<cuda::DeviceRoutingPlanStorage> d_plan = cuda::UploadRoutingPlan(plan);
   ASSERT_TRUE(d_plan.ok()) << d_plan.status();
-  DeviceArray<uint8_t> d_w13(
-      std::span<const uint8_t>(static_cast<const uint8_t*>(w13.raw()), w13.bytes()));
-  DeviceArray<uint8_t> d_w2(
-      std::span<const uint8_t>(static_cast<const uint8_t*>(w2.raw()), w2.bytes()));
+  DeviceArray<uint8_t> d_w13 = BytesOnDevice(w13), d_w2 = BytesOnDevice(w2);
   DeviceArray<float> d_x32(x), d_out(out0);
   DeviceArray<uint16_t> d_x16(ToBf16Bits(x));
   const int64_t n = plan.num_assignments();
@@ -1347,10 +1349,7 @@ TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
   FillRandom(&w2, 133, 0.05f);
   absl::StatusOr<cuda::DeviceRoutingPlanStorage> d_plan = cuda::UploadRoutingPlan(plan);
   ASSERT_TRUE(d_plan.ok()) << d_plan.status();
-  DeviceArray<uint8_t> d_w13(
-      std::span<const uint8_t>(static_cast<const uint8_t*>(w13.raw()), w13.bytes()));
-  DeviceArray<uint8_t> d_w2(
-      std::span<const uint8_t>(static_cast<const uint8_t*>(w2.raw()), w2.bytes()));
+  DeviceArray<uint8_t> d_w13 = BytesOnDevice(w13), d_w2 = BytesOnDevice(w2);
   DeviceArray<uint16_t> d_x(ToBf16Bits(RandomFloats(c.tokens * c.hidden, 134)));
   const int64_t n = plan.num_assignments();
   DeviceArray<uint16_t> d_expert_out(n * c.hidden);
