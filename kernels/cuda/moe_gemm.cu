@@ -4,8 +4,11 @@
 //     column tile of its weights. Each CTA copies one of B's two 128-row boxes into both CTAs'
 //     shared memory (TMA multicast), so B leaves L2 once for 256 rows of A;
 //   - a single unit: an expert's odd last row tile against two column tiles, one per CTA, each
-//     copying all of its B itself. It may be tall: up to kTallRows rows more than kBM, which the
-//     consumers compute as a swapped product beside the tile's own (Consume).
+//     copying all of its B itself.
+// A tile may be tall: up to kTallRows rows more than kBM, which the consumers compute as a
+// swapped product beside the tile's own (Consume); an expert's remainder rows join its single
+// last tile or the two tiles of a pair that way instead of taking a tile of their own
+// (SplitExpert).
 // Each CTA:
 //   warpgroup 0: producer. It waits until both CTAs' consumers have freed a stage of the ring (the
 //                peer writes into it too), then fills it:
@@ -57,11 +60,11 @@ constexpr int kBK = 64;
 constexpr int kRowBytes = kBK * 2;
 constexpr int kATileBytes = kBM * kRowBytes;
 constexpr int kBTileBytes = kBN * kRowBytes;
-// A tall tile: an expert's last full tile plus a remainder of up to kTallRows rows, which the
-// same CTA computes as a swapped product (the B tile's rows as wgmma's 64-row operand, the
+// A tall tile: a full tile plus up to kTallRows of its expert's remainder rows, which the same
+// CTA computes as a swapped product (the B tile's rows as wgmma's 64-row operand, the
 // remainder's rows as its n32 operand), so that a remainder costs a quarter more multiplies on
-// one tile instead of a second row tile (see Consume). The remainder's rows follow the tile's
-// 128 in the stage.
+// one or two tiles instead of a row tile of its own (see Consume, SplitExpert). The remainder's
+// rows follow the tile's 128 in the stage.
 constexpr int kTallRows = 32;
 constexpr int kTallBytes = kTallRows * kRowBytes;
 // The three kernels. Every output tile leaves through shared memory (StoreStaged), each consumer
@@ -120,44 +123,83 @@ struct MoeTile {
   int32_t pair;  // MoeTilePair
 };
 
-// One block of kMaxExperts threads: thread e emits expert e's ceil(count / kBM) tiles at its
-// exclusive prefix (with `tall`, a remainder of at most kTallRows rows joins the last full tile
-// instead, when that tile is single); the last thread writes the number of tiles.
+// How expert e's `count` rows become tiles (TileListKernel). Plain: ceil(count / kBM) tiles of kBM
+// rows, the last one short. A remainder of r rows past f full tiles may join full tiles instead
+// of taking a tile of its own:
+//   - tall single: f odd, r <= kTallRows: the last (single) tile takes all r rows;
+//   - tall pair (kSinglesAndPairs): r <= 2 kTallRows and a pair of full tiles to take them (the
+//   last two
+//     for f even, the two before the single last one for f odd >= 3). The pair's first tile takes
+//     ceil(r / 2) rows, its second the rest, so both CTAs of the pair run the same longer K loop
+//     (with the remainder on one tile only, the other CTA waited for it at every stage:
+//     token-choice skew N = 1024 196 -> 208 us).
+// Tiles stay contiguous: each begins where the one before ends.
+struct TileSplit {
+  int32_t tiles;     // number of tiles
+  int32_t tall_at;   // first tile holding extra rows, or -1
+  int32_t extra[2];  // extra rows of tiles tall_at and tall_at + 1
+};
+enum class TallTiles { kNone, kSingles, kSinglesAndPairs };
+__device__ __forceinline__ TileSplit SplitExpert(int32_t count, TallTiles tall) {
+  const int32_t f = count / kBM, r = count % kBM;
+  TileSplit s{(count + kBM - 1) / kBM, -1, {0, 0}};
+  if (tall == TallTiles::kNone || r == 0) return s;
+  if (f % 2 == 1 && r <= kTallRows) {
+    s = {f, f - 1, {r, 0}};
+  } else if (tall == TallTiles::kSinglesAndPairs && r <= 2 * kTallRows && f >= 2) {
+    const int32_t first = f % 2 == 0 ? f - 2 : f - 3;
+    if (first >= 0) s = {f, first, {(r + 1) / 2, r / 2}};
+  }
+  return s;
+}
+
+// One block of kMaxExperts threads, once per list (the up kernel's with `up_tall`, then, when its
+// tiles are not null, the down kernel's without tall tiles): thread e emits expert e's tiles
+// (SplitExpert) at its exclusive prefix; the last thread writes the number of tiles.
+struct TileList {
+  MoeTile* tiles;
+  int32_t* num_tiles;
+};
 __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int num_experts,
-                               bool tall, MoeTile* __restrict__ tiles,
-                               int32_t* __restrict__ num_tiles) {
+                               TallTiles up_tall, TileList up_list, TileList down_list) {
   __shared__ int32_t warp_total[kMaxExperts / kWarpSize];
   const int e = threadIdx.x, lane = e % kWarpSize, warp = e / kWarpSize;
   const int32_t begin = e < num_experts ? expert_offsets[e] : 0;
   const int32_t count = e < num_experts ? expert_offsets[e + 1] - begin : 0;
-  // Only a single last tile becomes tall: as the second tile of a pair it would slow the pair's
-  // other CTA too (token-choice skew N = 1024: 196 -> 208 us).
-  const int32_t rest = count % kBM;
-  const bool tall_last = tall && (count / kBM) % 2 == 1 && rest > 0 && rest <= kTallRows;
-  const int32_t mine = tall_last ? count / kBM : (count + kBM - 1) / kBM;
-  int32_t incl = mine;
-  for (int o = 1; o < kWarpSize; o *= 2) {
-    const int32_t v = __shfl_up_sync(kFullMask, incl, o);
-    if (lane >= o) incl += v;
-  }
-  if (lane == kWarpSize - 1) warp_total[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    int32_t w = warp_total[lane], winc = w;
+  for (int l = 0; l < 2; ++l) {
+    const TileList list = l == 0 ? up_list : down_list;
+    if (list.tiles == nullptr) break;
+    const TileSplit split = SplitExpert(count, l == 0 ? up_tall : TallTiles::kNone);
+    const int32_t mine = split.tiles;
+    int32_t incl = mine;
     for (int o = 1; o < kWarpSize; o *= 2) {
-      const int32_t v = __shfl_up_sync(kFullMask, winc, o);
-      if (lane >= o) winc += v;
+      const int32_t v = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += v;
     }
-    warp_total[lane] = winc - w;  // exclusive prefix of the warps
+    __syncthreads();  // the previous list's reads of warp_total are done
+    if (lane == kWarpSize - 1) warp_total[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      int32_t w = warp_total[lane], winc = w;
+      for (int o = 1; o < kWarpSize; o *= 2) {
+        const int32_t v = __shfl_up_sync(kFullMask, winc, o);
+        if (lane >= o) winc += v;
+      }
+      warp_total[lane] = winc - w;  // exclusive prefix of the warps
+    }
+    __syncthreads();
+    const int32_t first = warp_total[warp] + incl - mine;
+    int32_t row = begin;
+    for (int32_t i = 0; i < mine; ++i) {
+      const int32_t pair = i % 2 == 1 ? kPairSecond : (i + 1 < mine ? kPairFirst : kSingle);
+      const int32_t j = i - split.tall_at;
+      const int32_t rows = split.tall_at >= 0 && (j == 0 || j == 1) ? kBM + split.extra[j]
+                                                                    : min(kBM, begin + count - row);
+      list.tiles[first + i] = {row, rows, e, pair};
+      row += rows;
+    }
+    if (e == blockDim.x - 1) *list.num_tiles = first + mine;
   }
-  __syncthreads();
-  const int32_t first = warp_total[warp] + incl - mine;
-  for (int32_t i = 0; i < mine; ++i) {
-    const int32_t pair = i % 2 == 1 ? kPairSecond : (i + 1 < mine ? kPairFirst : kSingle);
-    const int32_t rows = tall_last && i == mine - 1 ? kBM + rest : min(kBM, count - i * kBM);
-    tiles[first + i] = {begin + i * kBM, rows, e, pair};
-  }
-  if (e == blockDim.x - 1) *num_tiles = first + mine;
 }
 
 struct KernelParams {
@@ -811,6 +853,13 @@ absl::Status Launch(const KernelParams& p, int64_t max_tiles, cudaStream_t strea
 }
 
 size_t AlignUp(size_t bytes) { return (bytes + 255) / 256 * 256; }
+int64_t MaxTiles(int64_t num_assignments, int64_t num_experts) {
+  return num_assignments / kBM + num_experts + 1;
+}
+// A tile list and its count.
+size_t TileListBytes(int64_t num_assignments, int64_t num_experts) {
+  return AlignUp(MaxTiles(num_assignments, num_experts) * sizeof(MoeTile) + sizeof(int32_t));
+}
 
 }  // namespace
 
@@ -849,8 +898,7 @@ bool MoeGemmFits(int64_t num_experts, int64_t hidden, int64_t expert_width) {
 }
 
 size_t MoeGemmWorkspaceBytes(int64_t num_assignments, int64_t num_experts, int64_t expert_width) {
-  const int64_t max_tiles = num_assignments / kBM + num_experts + 1;
-  return AlignUp(max_tiles * sizeof(MoeTile) + sizeof(int32_t)) +
+  return 2 * TileListBytes(num_assignments, num_experts) +
          AlignUp(num_assignments * expert_width * sizeof(__nv_bfloat16));
 }
 
@@ -868,18 +916,25 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   if (!MoeGemmAvailable()) {
     return absl::FailedPreconditionError("moe_gemm: needs an sm_90 GPU and sm_90a code");
   }
-  const int64_t max_tiles = n / kBM + experts + 1;
+  const int64_t max_tiles = MaxTiles(n, experts);
   char* base = static_cast<char*>(a.workspace);
-  auto* tiles = reinterpret_cast<MoeTile*>(base);
-  auto* num_tiles = reinterpret_cast<int32_t*>(tiles + max_tiles);
-  auto* act = reinterpret_cast<__nv_bfloat16*>(
-      base + AlignUp(max_tiles * sizeof(MoeTile) + sizeof(int32_t)));
+  auto list_at = [&](int i) {
+    auto* tiles = reinterpret_cast<MoeTile*>(base + i * TileListBytes(n, experts));
+    return TileList{tiles, reinterpret_cast<int32_t*>(tiles + max_tiles)};
+  };
+  auto* act = reinterpret_cast<__nv_bfloat16*>(base + 2 * TileListBytes(n, experts));
 
-  // See Kind: the deeper ring pays once an expert's weights serve two row tiles on average; it
-  // leaves no room for tall tiles.
+  // See Kind: the deeper ring pays once an expert's weights serve two row tiles on average. It
+  // leaves no room for tall tiles, so the down kernel then walks a second list without them,
+  // and the up kernel's list has tall pairs too. Below that, tall pairs measured slower
+  // (token-choice skew N = 1024: 197 -> 219 us); from it they gain (expert-choice capacity factor
+  // 1.25 at N = 8192, 320 rows an expert: 1264-1274 -> 1151-1152 us).
   const bool down4 = n >= 2 * kBM * experts;
-  TileListKernel<<<1, kMaxExperts, 0, stream>>>(a.plan.expert_offsets, static_cast<int>(experts),
-                                                !down4, tiles, num_tiles);
+  const TileList up_list = list_at(0);
+  const TileList down_list = down4 ? list_at(1) : TileList{nullptr, nullptr};
+  TileListKernel<<<1, kMaxExperts, 0, stream>>>(
+      a.plan.expert_offsets, static_cast<int>(experts),
+      down4 ? TallTiles::kSinglesAndPairs : TallTiles::kSingles, up_list, down_list);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
 
   KernelParams up{};
@@ -892,8 +947,8 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   up.k = static_cast<int32_t>(a.hidden);
   up.n_tiles = static_cast<int32_t>(a.expert_width / (kBN / 2));
   up.out_cols = static_cast<int32_t>(a.expert_width);
-  up.tiles = tiles;
-  up.num_tiles = num_tiles;
+  up.tiles = up_list.tiles;
+  up.num_tiles = up_list.num_tiles;
   up.out = act;
   KernelParams down{};
   RETURN_IF_ERROR(EncodeRows(&down.a_map, act, n, a.expert_width, kBM / 2));
@@ -907,8 +962,9 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   down.k = static_cast<int32_t>(a.expert_width);
   down.n_tiles = static_cast<int32_t>(a.hidden / kBN);
   down.out_cols = static_cast<int32_t>(a.hidden);
-  down.tiles = tiles;
-  down.num_tiles = num_tiles;
+  const TileList& dl = down4 ? down_list : up_list;
+  down.tiles = dl.tiles;
+  down.num_tiles = dl.num_tiles;
   down.out = static_cast<__nv_bfloat16*>(a.expert_out);
   RETURN_IF_ERROR(Launch<Kind::kUp>(up, max_tiles, stream));
   if (down4) return Launch<Kind::kDown4>(down, max_tiles, stream);

@@ -1222,6 +1222,16 @@ MoeCase TallTileCase() {
   c.counts = {129, 160, 161, 270, 400, 40, 0, 128};
   return c;
 }
+// Tall pairs (moe_gemm.cu SplitExpert: a remainder of 1-64 rows split over a pair of full tiles):
+// 257, 300 and 320 rows (two full tiles and 1, 44, 64 more), 420 (three full tiles and 36: the
+// first two take them), 545 (four and 33); beside them 321 (a remainder of 65 in a tile of its
+// own), 416 (a tall single tile). The average expert has two row tiles, so the up kernel walks a
+// list with tall pairs and the 4-stage down kernel one without tall tiles.
+MoeCase TallPairCase() {
+  MoeCase c{700, 7, 512, 256, 0, DType::kBF16, false};
+  c.counts = {257, 300, 320, 420, 545, 321, 416};
+  return c;
+}
 // A host tensor's bytes on the device.
 DeviceArray<uint8_t> BytesOnDevice(const HostTensor& t) {
   return DeviceArray<uint8_t>(
@@ -1312,7 +1322,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, MoeExpertsTest,
                                            // cluster, and a single last tile split by columns.
                                            MoeCase{1000, 4, 512, 256, 3, DType::kBF16, false},
                                            MoeCase{1200, 16, 1024, 512, 8, DType::kBF16, false},
-                                           TallTileCase(),
+                                           TallTileCase(), TallPairCase(),
                                            // Every expert 160 rows, like expert-choice with
                                            // capacity factor 1.25 at 4096 tokens.
                                            MoeCase{1280, 8, 1024, 512, 160, DType::kBF16, true}));
@@ -1333,7 +1343,7 @@ TEST(MoeExpertsTest, FusedPathOnHopper) {
 // reading anything before it is written (a tile list entry, an activation row, a stage of the
 // ring) would show as NaN or as a change between runs. Shapes: pairs and single tiles with the
 // 4-stage down kernel; an odd number of up column tiles (width 384: a CTA with no column) with
-// the 3-stage one; tall tiles.
+// the 3-stage one; tall tiles; tall pairs.
 class FusedMoeRepeatTest : public ::testing::TestWithParam<MoeCase> {};
 
 TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
@@ -1385,7 +1395,7 @@ TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
 INSTANTIATE_TEST_SUITE_P(Grid, FusedMoeRepeatTest,
                          ::testing::Values(MoeCase{3000, 32, 1024, 256, 8, DType::kBF16, false},
                                            MoeCase{600, 8, 768, 384, 4, DType::kBF16, false},
-                                           TallTileCase()));
+                                           TallTileCase(), TallPairCase()));
 
 // ---------------------------------------------------------------------------------------------
 // Attention over the KV cache, packed batches of chunks
