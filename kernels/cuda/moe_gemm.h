@@ -13,8 +13,8 @@
 // one expert share each weight tile, which one TMA multicast brings to both. The up kernel's
 // 256 weight rows are 128 gate rows and the matching 128 up rows, so SwiGLU happens on the
 // accumulators and only the BF16 activation is written. Tiles never cross experts; a small kernel
-// turns the plan's expert_offsets into the list of (expert, first row, rows) tiles first (an
-// expert's single last tile takes up to 32 rows more than 128, computed as a swapped product).
+// turns the plan's expert_offsets into the list of (expert, first row, rows) tiles first (up to
+// 32 of an expert's remainder rows may join a full tile, computed as a swapped product).
 //
 // Shapes: hidden % 256 == 0, expert_width % 128 == 0, num_experts <= 1024, fewer than 2^31 rows
 // in either weight matrix (MoeGemmFits).
