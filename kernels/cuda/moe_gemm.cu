@@ -127,12 +127,11 @@ struct MoeTile {
 // rows, the last one short. A remainder of r rows past f full tiles may join full tiles instead
 // of taking a tile of its own:
 //   - tall single: f odd, r <= kTallRows: the last (single) tile takes all r rows;
-//   - tall pair (kSinglesAndPairs): r <= 2 kTallRows and a pair of full tiles to take them (the
-//   last two
-//     for f even, the two before the single last one for f odd >= 3). The pair's first tile takes
-//     ceil(r / 2) rows, its second the rest, so both CTAs of the pair run the same longer K loop
-//     (with the remainder on one tile only, the other CTA waited for it at every stage:
-//     token-choice skew N = 1024 196 -> 208 us).
+//   - tall pair (kSinglesAndPairs): r <= 2 kTallRows and a pair of full tiles to take them: the
+//     last two for f even, the two before the single last one for f odd >= 3. The pair's first
+//     tile takes ceil(r / 2) rows, its second the rest, so both CTAs of the pair run the same
+//     longer K loop (with the remainder on one tile only, the other CTA waited for it at every
+//     stage: token-choice skew N = 1024 196 -> 208 us).
 // Tiles stay contiguous: each begins where the one before ends.
 struct TileSplit {
   int32_t tiles;     // number of tiles
@@ -928,7 +927,7 @@ absl::Status MoeGemm(const MoeGemmArgs& a, cudaStream_t stream) {
   // leaves no room for tall tiles, so the down kernel then walks a second list without them,
   // and the up kernel's list has tall pairs too. Below that, tall pairs measured slower
   // (token-choice skew N = 1024: 197 -> 219 us); from it they gain (expert-choice capacity factor
-  // 1.25 at N = 8192, 320 rows an expert: 1264-1274 -> 1151-1152 us).
+  // 1.25 at N = 8192, 320 rows an expert: 1264-1344 -> 1151-1229 us in four runs).
   const bool down4 = n >= 2 * kBM * experts;
   const TileList up_list = list_at(0);
   const TileList down_list = down4 ? list_at(1) : TileList{nullptr, nullptr};
