@@ -1232,6 +1232,14 @@ MoeCase TallPairCase() {
   c.counts = {257, 300, 320, 420, 545, 321, 416};
   return c;
 }
+// The tile list's order (moe_gemm.cu): no expert has more than two row tiles, so the experts of
+// one tall tile (129, 131, 150, 160 rows) go first; beside them pairs (200, 256 rows), plain
+// single tiles (60, 100, 128 rows) and an expert without rows.
+MoeCase TallFirstCase() {
+  MoeCase c{300, 10, 512, 256, 0, DType::kBF16, false};
+  c.counts = {100, 150, 0, 129, 256, 60, 160, 200, 128, 131};
+  return c;
+}
 // A host tensor's bytes on the device.
 DeviceArray<uint8_t> BytesOnDevice(const HostTensor& t) {
   return DeviceArray<uint8_t>(
@@ -1322,7 +1330,7 @@ INSTANTIATE_TEST_SUITE_P(Grid, MoeExpertsTest,
                                            // cluster, and a single last tile split by columns.
                                            MoeCase{1000, 4, 512, 256, 3, DType::kBF16, false},
                                            MoeCase{1200, 16, 1024, 512, 8, DType::kBF16, false},
-                                           TallTileCase(), TallPairCase(),
+                                           TallTileCase(), TallPairCase(), TallFirstCase(),
                                            // Every expert 160 rows, like expert-choice with
                                            // capacity factor 1.25 at 4096 tokens.
                                            MoeCase{1280, 8, 1024, 512, 160, DType::kBF16, true}));
@@ -1395,7 +1403,7 @@ TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
 INSTANTIATE_TEST_SUITE_P(Grid, FusedMoeRepeatTest,
                          ::testing::Values(MoeCase{3000, 32, 1024, 256, 8, DType::kBF16, false},
                                            MoeCase{600, 8, 768, 384, 4, DType::kBF16, false},
-                                           TallTileCase(), TallPairCase()));
+                                           TallTileCase(), TallPairCase(), TallFirstCase()));
 
 // ---------------------------------------------------------------------------------------------
 // Attention over the KV cache, packed batches of chunks
