@@ -155,13 +155,13 @@ __device__ __forceinline__ TileSplit SplitExpert(int32_t count, TallTiles tall) 
 // The order of a tile list. Units go round-robin to the clusters, and the last round leaves
 // clusters idle when the units do not divide evenly over them. When no expert has more than two
 // row tiles (every unit bound by DRAM: an expert's weights serve few rows), the experts of one
-// tall tile (kBM + 1 to kBM + kTallRows rows: a fifth more multiplies and gathers than a plain
-// tile) come first, so that the last round holds cheaper units; otherwise, and within each
-// group, experts go by index. Each expert's tiles stay together. Token-choice at N = 4096 (about
-// half of the experts with one tall tile, the rest one plain tile): 580-590 -> 573-576 us. Tall
-// experts first also when others have more tiles bunched the DRAM-bound units of lightly loaded
-// experts, which had run between the compute-bound ones of heavily loaded experts: token-choice
-// skew N = 4096 480-484 -> 502-504 us.
+// tall tile (kBM + 1 to kBM + kTallRows rows: up to a quarter more multiplies and gathers than a
+// plain tile) come first, so that the last round holds cheaper units; otherwise, and within
+// each group, experts go by index. Each expert's tiles stay together. Token-choice at N = 4096
+// (about half of the experts with one tall tile, the rest one plain tile): 580-590 -> 573-576
+// us. Tall experts first also when others have more tiles bunched the DRAM-bound units of
+// lightly loaded experts, which had run between the compute-bound ones of heavily loaded
+// experts: token-choice skew N = 4096 480-484 -> 502-504 us.
 __device__ __forceinline__ bool OneTallTile(const TileSplit& s) {
   return s.tiles == 1 && s.tall_at == 0;
 }
@@ -184,9 +184,9 @@ __global__ void TileListKernel(const int32_t* __restrict__ expert_offsets, int n
     if (list.tiles == nullptr) break;
     const TileSplit split = SplitExpert(count, l == 0 ? up_tall : TallTiles::kNone);
     const int32_t mine = split.tiles;
-    int many = 0, in_first = 0, in_rest = 0;
-    BlockExclusiveScan(mine > 2 ? 1 : 0, scratch, &many);
-    const bool first_group = many == 0 && OneTallTile(split);
+    const bool many_tiles = __syncthreads_or(mine > 2);
+    const bool first_group = !many_tiles && OneTallTile(split);
+    int in_first = 0, in_rest = 0;
     const int before_first = BlockExclusiveScan(first_group ? mine : 0, scratch, &in_first);
     const int before_rest = BlockExclusiveScan(first_group ? 0 : mine, scratch, &in_rest);
     const int32_t first = first_group ? before_first : in_first + before_rest;
