@@ -174,7 +174,7 @@ PlanBuild MakePlanBuild(int64_t n, int64_t experts, int64_t assignments,
 struct Ceilings {
   double copy_bytes_per_s;           // bytes read + written per second, device-to-device copy
   double bf16_flop_per_s;            // cuBLAS bf16 8192^3 (median of short runs)
-  double bf16_sustained_flop_per_s;  // the same GEMM after ~0.4 s back to back (power limit)
+  double bf16_sustained_flop_per_s;  // the same GEMM, timed after 0.25 s of it (power limit)
   double fp32_simt_flop_per_s;       // SMs x 128 lanes x 2 x clock
 };
 
