@@ -314,10 +314,11 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
       });
       const double bytes = r.touched_experts * kExpertBytes + n * kHidden * 2.0 + n * kHidden * 4.0;
       const double flop = a * kFlopPerAssignment;
-      const double floor_us =
-          std::max(bytes / ceil.copy_bytes_per_s, flop / ceil.bf16_flop_per_s) * 1e6;
-      const double sustained_floor_us =
-          std::max(bytes / ceil.copy_bytes_per_s, flop / ceil.bf16_sustained_flop_per_s) * 1e6;
+      auto floor_at = [&](double flop_per_s) {
+        return std::max(bytes / ceil.copy_bytes_per_s, flop / flop_per_s) * 1e6;
+      };
+      const double floor_us = floor_at(ceil.bf16_flop_per_s);
+      const double sustained_floor_us = floor_at(ceil.bf16_sustained_flop_per_s);
       std::printf(
           "%-24s %6lld %8lld %10.1f %9.3f %9.1f %6.1f%% %6.1f%% %11.1f %10.1f %6.1f%% %7.2fx\n",
           m.name, static_cast<long long>(n), static_cast<long long>(r.touched_experts), us,
