@@ -29,7 +29,9 @@
 // advances 32 bytes per k16 step inside the slab. The tensor copies write the same swizzle.
 // Outputs (up: 128 x 128 BF16 activations per tile, down: 128 x 256) leave through shared memory:
 // each consumer warp writes its rows there and bulk-copies them out row by row (cp.async.bulk), so
-// a tile's stores overlap the next tile's multiplies; rows past the tile's end are never written.
+// a tile's stores overlap the next tile's multiplies; with two staging passes the second waits,
+// packed in registers, until the next tile's multiplies are issued (DeferredPasses); rows past
+// the tile's end are never written.
 #include <cuda.h>          // CUtensorMap
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
@@ -67,7 +69,7 @@ constexpr int kBTileBytes = kBN * kRowBytes;
 // rows follow the tile's 128 in the stage.
 constexpr int kTallRows = 32;
 constexpr int kTallBytes = kTallRows * kRowBytes;
-// The three kernels. Every output tile leaves through shared memory (StoreStaged), each consumer
+// The three kernels. Every output tile leaves through shared memory (StagePass), each consumer
 // warp staging its 16 rows at once or 8 at a time:
 //   - up (K = hidden: 32 slabs per tile, 128 x 128 SwiGLU outputs): 4 stages, 8 rows. Against
 //     stores from registers 6-7 us faster for expert-choice at N = 4096 and 18-20 at N = 16384
@@ -548,46 +550,66 @@ __device__ __forceinline__ __nv_bfloat162 OutPair(const float (&acc)[128], int j
   }
 }
 
-// The same 16 rows through this warp's staging rows (16, or 8 at a time): every lane writes its
-// fragment, then one lane per row bulk-copies it out. The copies run on while the warp goes on;
-// the next write to the staging rows first waits until they have been read.
+// A warp's 16 output rows leave through its staging rows in passes: one of 16 rows (kDown3) or
+// two of 8 (StagedRows). A pass's outputs, packed as BF16 pairs, are PassWords words a thread.
+__host__ __device__ constexpr int Passes(Kind k) { return 16 / StagedRows(k); }
+__host__ __device__ constexpr int PassWords(Kind k) { return StagedRows(k) / 8 * OutCols(k) / 8; }
+// The second pass of a tile is staged once the next tile's second K slab is issued, so that the
+// tensor cores need not wait for the first pass's copies to read the staging rows (kUp: 16
+// registers a thread, kDown4: 32). Against staging it at once on the H200: token-choice
+// N = 16384 1851-1860 -> 1807-1810 us, expert-choice cf 1.25 2121-2162 -> 2068-2079, N <= 4096
+// within the spread (kDown3's one pass of 16 rows has nothing to defer). Deferring both of
+// kDown4's passes (64 registers) was 1% slower than one; both of kUp's spill.
+__host__ __device__ constexpr int DeferredPasses(Kind k) { return Passes(k) == 2 ? 1 : 0; }
+
+// Fragment rows lane / 4 (half 0) and lane / 4 + 8 (half 1) of pass `pass`, packed.
 template <Kind kKind>
-__device__ __forceinline__ void StoreStaged(const KernelParams& p, const MoeTile& mt, int nt,
-                                            int warp_row0, uint32_t staging,
-                                            const float (&acc)[128]) {
+__device__ __forceinline__ uint32_t PassWord(const float (&acc)[128], int pass, int h, int j) {
+  const __nv_bfloat162 v = OutPair<kKind>(acc, j, StagedRows(kKind) == 16 ? h : pass);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <Kind kKind>
+__device__ __forceinline__ void PackPass(const float (&acc)[128], int pass,
+                                         uint32_t (&words)[PassWords(kKind)]) {
+  constexpr int kPairs = OutCols(kKind) / 8;
+#pragma unroll
+  for (int h = 0; h < StagedRows(kKind) / 8; ++h) {
+#pragma unroll
+    for (int j = 0; j < kPairs; ++j) words[h * kPairs + j] = PassWord<kKind>(acc, pass, h, j);
+  }
+}
+
+// One pass through the warp's staging rows: every lane writes its fragment (word(h, j): half h,
+// column pair j), then one lane per row bulk-copies it out. The copies run on while the warp
+// goes on; the next write to the staging rows first waits until they have been read.
+template <Kind kKind, typename Word>
+__device__ __forceinline__ void StagePass(const KernelParams& p, const MoeTile& mt, int nt,
+                                          int warp_row0, uint32_t staging, int pass, Word&& word) {
   constexpr int kRows = StagedRows(kKind), kCols = OutCols(kKind);
   constexpr int kRowBytes = StagingRowBytes(kKind);
   static_assert(kRows == 8 || kRows == 16, "staging rows");
   const int lane = threadIdx.x % kWarpSize;
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+  __syncwarp();
 #pragma unroll
-  for (int pass = 0; pass < 16 / kRows; ++pass) {
-    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-    __syncwarp();
+  for (int h = 0; h < kRows / 8; ++h) {
+    const uint32_t row = staging + (lane / 4 + 8 * h) * kRowBytes + 4 * (lane % 4);
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {  // fragment rows lane / 4 and lane / 4 + 8
-      if (kRows == 8 && half != pass) continue;
-      const uint32_t row =
-          staging + (lane / 4 + 8 * half - kRows * pass) * kRowBytes + 4 * (lane % 4);
-#pragma unroll
-      for (int j = 0; j < kCols / 8; ++j) {
-        const __nv_bfloat162 v = OutPair<kKind>(acc, j, half);
-        asm volatile("st.shared.b32 [%0], %1;" ::"r"(row + 16 * j),
-                     "r"(*reinterpret_cast<const uint32_t*>(&v))
-                     : "memory");
-      }
+    for (int j = 0; j < kCols / 8; ++j) {
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(row + 16 * j), "r"(word(h, j)) : "memory");
     }
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk copies
-    __syncwarp();
-    const int r = warp_row0 + kRows * pass + lane;
-    if (lane < kRows && r < mt.rows) {
-      const __nv_bfloat16* dst =
-          p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols + nt * kCols;
-      asm volatile(
-          "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
-          "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(dst)),
-          "r"(staging + lane * kRowBytes), "n"(kCols * 2)
-          : "memory");
-    }
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk copies
+  __syncwarp();
+  const int r = warp_row0 + kRows * pass + lane;
+  if (lane < kRows && r < mt.rows) {
+    const __nv_bfloat16* dst =
+        p.out + static_cast<int64_t>(mt.row_begin + r) * p.out_cols + nt * kCols;
+    asm volatile(
+        "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
+        "cp.async.bulk.commit_group;" ::"l"(reinterpret_cast<uint64_t>(dst)),
+        "r"(staging + lane * kRowBytes), "n"(kCols * 2)
+        : "memory");
   }
 }
 
@@ -645,6 +667,27 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
   const int k_tiles = p.k / kBK;
   float acc[128];
   float rem[2][16];  // a tall tile's remainder (StoreRemainder)
+  // The previous tile's deferred passes (DeferredPasses), staged as passes kFirstDeferred ...
+  constexpr int kDeferred = DeferredPasses(kKind), kFirstDeferred = Passes(kKind) - kDeferred;
+  uint32_t deferred[kDeferred > 0 ? kDeferred : 1][PassWords(kKind)];
+  MoeTile deferred_mt{0, 0, 0, 0};
+  int deferred_nt = 0, deferred_row0 = 0;
+  // Pass q of the previous tile, if it was deferred (q is a constant wherever this is called).
+  auto stage_deferred = [&](auto q) {
+    constexpr int kPass = decltype(q)::value;
+    if constexpr (kPass >= kFirstDeferred && kPass < Passes(kKind)) {
+      if (deferred_mt.rows > 0) {
+        const uint32_t(&words)[PassWords(kKind)] = deferred[kPass - kFirstDeferred];
+        StagePass<kKind>(p, deferred_mt, deferred_nt, deferred_row0, staging, kPass,
+                         [&](int h, int j) { return words[h * (OutCols(kKind) / 8) + j]; });
+      }
+    }
+  };
+  auto stage_all_deferred = [&] {
+    stage_deferred(std::integral_constant<int, 0>{});
+    stage_deferred(std::integral_constant<int, 1>{});
+    deferred_mt.rows = 0;
+  };
   int it = 0;
   ForEachUnit(p, rank, [&](const TileWork& w) {
     const MoeTile& mt = w.mt;
@@ -653,6 +696,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     if (cw * 64 >= mt.rows) {
       // No rows for this warpgroup (a tile of <= 64 rows, or none): pass the stages through and
       // leave the tensor cores to the other one.
+      stage_all_deferred();
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int stage = it % kStages;
         MbarWait(&full[stage], (it / kStages) & 1);
@@ -696,6 +740,13 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
           }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        // The previous tile's deferred passes while these multiplies run (k_tiles >= 2: the
+        // narrowest K, an expert width of 128, is two slabs).
+        if (kt == 0) stage_deferred(std::integral_constant<int, 0>{});
+        if (kt == 1) {
+          stage_deferred(std::integral_constant<int, 1>{});
+          deferred_mt.rows = 0;
+        }
         if (kt > 0) {
           asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
           retired(prev_stage);
@@ -712,9 +763,21 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     }
 
     const int warp_row0 = cw * 64 + warp * 16;
-    StoreStaged<kKind>(p, mt, nt, warp_row0, staging, acc);
+#pragma unroll
+    for (int pass = 0; pass < kFirstDeferred; ++pass) {
+      StagePass<kKind>(p, mt, nt, warp_row0, staging, pass,
+                       [&](int h, int j) { return PassWord<kKind>(acc, pass, h, j); });
+    }
+    if constexpr (kDeferred > 0) {
+#pragma unroll
+      for (int d = 0; d < kDeferred; ++d) PackPass<kKind>(acc, kFirstDeferred + d, deferred[d]);
+      deferred_mt = mt;
+      deferred_nt = nt;
+      deferred_row0 = warp_row0;
+    }
     if (tall) StoreRemainder<kKind>(p, mt, nt, cw, warp, lane, rem);
   });
+  stage_all_deferred();
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 #endif  // MOESERVE_SM90A

@@ -75,13 +75,14 @@ DeviceBuffer RandomDevice(int64_t n, DType dtype, uint32_t seed, float scale = 1
   return b;
 }
 
-// Median microseconds per call of `fn(i)` (i counts calls, for rotating inputs).
-double TimeUs(const std::function<void(int)>& fn, int samples = 30) {
+// Median microseconds per call of `fn(i)` (i counts calls, for rotating inputs), after
+// `warm_up` untimed calls.
+double TimeUs(const std::function<void(int)>& fn, int samples = 30, int warm_up = 5) {
   cudaEvent_t start, stop;
   Check(cudaEventCreate(&start), "event");
   Check(cudaEventCreate(&stop), "event");
   int call = 0;
-  for (int i = 0; i < 5; ++i) fn(call++);  // warm-up
+  for (int i = 0; i < warm_up; ++i) fn(call++);
   Check(cudaDeviceSynchronize(), "warm-up");
   // Calls per sample: enough for ~200 us of work, so launch gaps and event resolution vanish.
   Check(cudaEventRecord(start), "record");
@@ -230,20 +231,9 @@ Ceilings MeasureCeilings(Gemm& gemm) {
   c.bf16_flop_per_s = 2.0 * n * n * n / (gemm_us * 1e-6);
   // The short runs above end before the GPU settles at its power limit; a layer timed over many
   // graph replays runs there. So the same GEMM once more, timed after ~0.25 s of it.
-  const int warm = std::max(1, static_cast<int>(250e3 / gemm_us)), timed = warm / 2 + 1;
-  cudaEvent_t start, stop;
-  Check(cudaEventCreate(&start), "event");
-  Check(cudaEventCreate(&stop), "event");
-  for (int i = 0; i < warm; ++i) Check(gemm.Run(g), "gemm");
-  Check(cudaEventRecord(start), "record");
-  for (int i = 0; i < timed; ++i) Check(gemm.Run(g), "gemm");
-  Check(cudaEventRecord(stop), "record");
-  Check(cudaEventSynchronize(stop), "sync");
-  float ms = 0;
-  Check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  c.bf16_sustained_flop_per_s = 2.0 * n * n * n * timed / (ms * 1e-3);
+  const int warm = std::max(1, static_cast<int>(250e3 / gemm_us));
+  const double sustained_us = TimeUs([&](int) { Check(gemm.Run(g), "gemm"); }, warm / 2 + 1, warm);
+  c.bf16_sustained_flop_per_s = 2.0 * n * n * n / (sustained_us * 1e-6);
   int sms = 0, clock_khz = 0;
   Check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "attr");
   Check(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0), "attr");
