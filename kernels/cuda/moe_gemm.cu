@@ -30,7 +30,7 @@
 // Outputs (up: 128 x 128 BF16 activations per tile, down: 128 x 256) leave through shared memory:
 // each consumer warp writes its rows there and bulk-copies them out row by row (cp.async.bulk), so
 // a tile's stores overlap the next tile's multiplies; with two staging passes the second waits,
-// packed in registers, until the next tile's multiplies are issued (DeferredPasses); rows past
+// packed in registers, until the next tile's multiplies are issued (Consume); rows past
 // the tile's end are never written.
 #include <cuda.h>          // CUtensorMap
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
@@ -554,29 +554,12 @@ __device__ __forceinline__ __nv_bfloat162 OutPair(const float (&acc)[128], int j
 // two of 8 (StagedRows). A pass's outputs, packed as BF16 pairs, are PassWords words a thread.
 __host__ __device__ constexpr int Passes(Kind k) { return 16 / StagedRows(k); }
 __host__ __device__ constexpr int PassWords(Kind k) { return StagedRows(k) / 8 * OutCols(k) / 8; }
-// The second pass of a tile is staged once the next tile's second K slab is issued, so that the
-// tensor cores need not wait for the first pass's copies to read the staging rows (kUp: 16
-// registers a thread, kDown4: 32). Against staging it at once on the H200: token-choice
-// N = 16384 1851-1860 -> 1807-1810 us, expert-choice cf 1.25 2121-2162 -> 2068-2079, N <= 4096
-// within the spread (kDown3's one pass of 16 rows has nothing to defer). Deferring both of
-// kDown4's passes (64 registers) was 1% slower than one; both of kUp's spill.
-__host__ __device__ constexpr int DeferredPasses(Kind k) { return Passes(k) == 2 ? 1 : 0; }
 
 // Fragment rows lane / 4 (half 0) and lane / 4 + 8 (half 1) of pass `pass`, packed.
 template <Kind kKind>
 __device__ __forceinline__ uint32_t PassWord(const float (&acc)[128], int pass, int h, int j) {
   const __nv_bfloat162 v = OutPair<kKind>(acc, j, StagedRows(kKind) == 16 ? h : pass);
   return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <Kind kKind>
-__device__ __forceinline__ void PackPass(const float (&acc)[128], int pass,
-                                         uint32_t (&words)[PassWords(kKind)]) {
-  constexpr int kPairs = OutCols(kKind) / 8;
-#pragma unroll
-  for (int h = 0; h < StagedRows(kKind) / 8; ++h) {
-#pragma unroll
-    for (int j = 0; j < kPairs; ++j) words[h * kPairs + j] = PassWord<kKind>(acc, pass, h, j);
-  }
 }
 
 // One pass through the warp's staging rows: every lane writes its fragment (word(h, j): half h,
@@ -667,26 +650,24 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
   const int k_tiles = p.k / kBK;
   float acc[128];
   float rem[2][16];  // a tall tile's remainder (StoreRemainder)
-  // The previous tile's deferred passes (DeferredPasses), staged as passes kFirstDeferred ...
-  constexpr int kDeferred = DeferredPasses(kKind), kFirstDeferred = Passes(kKind) - kDeferred;
-  uint32_t deferred[kDeferred > 0 ? kDeferred : 1][PassWords(kKind)];
-  MoeTile deferred_mt{0, 0, 0, 0};
+  // With two staging passes, a tile's second one is staged once the next tile's second K slab is
+  // issued, so that the tensor cores need not wait for the first pass's copies to read the
+  // staging rows (kUp: 16 registers a thread, kDown4: 32). Against staging it at once on the
+  // H200: token-choice N = 16384 1851-1860 -> 1807-1810 us, expert-choice cf 1.25 2121-2162 ->
+  // 2068-2079, N <= 4096 within the spread. Deferring both of kDown4's passes (64 registers)
+  // was 1% slower; both of kUp's spill.
+  constexpr bool kDefer = Passes(kKind) == 2;
+  uint32_t deferred[PassWords(kKind)] = {};
+  MoeTile deferred_mt{0, 0, 0, 0};  // rows 0: nothing deferred
   int deferred_nt = 0, deferred_row0 = 0;
-  // Pass q of the previous tile, if it was deferred (q is a constant wherever this is called).
-  auto stage_deferred = [&](auto q) {
-    constexpr int kPass = decltype(q)::value;
-    if constexpr (kPass >= kFirstDeferred && kPass < Passes(kKind)) {
+  auto stage_deferred = [&] {
+    if constexpr (kDefer) {
       if (deferred_mt.rows > 0) {
-        const uint32_t(&words)[PassWords(kKind)] = deferred[kPass - kFirstDeferred];
-        StagePass<kKind>(p, deferred_mt, deferred_nt, deferred_row0, staging, kPass,
-                         [&](int h, int j) { return words[h * (OutCols(kKind) / 8) + j]; });
+        StagePass<kKind>(p, deferred_mt, deferred_nt, deferred_row0, staging, 1,
+                         [&](int h, int j) { return deferred[h * (OutCols(kKind) / 8) + j]; });
       }
+      deferred_mt.rows = 0;
     }
-  };
-  auto stage_all_deferred = [&] {
-    stage_deferred(std::integral_constant<int, 0>{});
-    stage_deferred(std::integral_constant<int, 1>{});
-    deferred_mt.rows = 0;
   };
   int it = 0;
   ForEachUnit(p, rank, [&](const TileWork& w) {
@@ -696,7 +677,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     if (cw * 64 >= mt.rows) {
       // No rows for this warpgroup (a tile of <= 64 rows, or none): pass the stages through and
       // leave the tensor cores to the other one.
-      stage_all_deferred();
+      stage_deferred();
       for (int kt = 0; kt < k_tiles; ++kt, ++it) {
         const int stage = it % kStages;
         MbarWait(&full[stage], (it / kStages) & 1);
@@ -740,13 +721,9 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
           }
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        // The previous tile's deferred passes while these multiplies run (k_tiles >= 2: the
+        // The previous tile's deferred pass while these multiplies run (k_tiles >= 2: the
         // narrowest K, an expert width of 128, is two slabs).
-        if (kt == 0) stage_deferred(std::integral_constant<int, 0>{});
-        if (kt == 1) {
-          stage_deferred(std::integral_constant<int, 1>{});
-          deferred_mt.rows = 0;
-        }
+        if (kt == 1) stage_deferred();
         if (kt > 0) {
           asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
           retired(prev_stage);
@@ -763,21 +740,18 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
     }
 
     const int warp_row0 = cw * 64 + warp * 16;
+    StagePass<kKind>(p, mt, nt, warp_row0, staging, 0,
+                     [&](int h, int j) { return PassWord<kKind>(acc, 0, h, j); });
+    if constexpr (kDefer) {
 #pragma unroll
-    for (int pass = 0; pass < kFirstDeferred; ++pass) {
-      StagePass<kKind>(p, mt, nt, warp_row0, staging, pass,
-                       [&](int h, int j) { return PassWord<kKind>(acc, pass, h, j); });
-    }
-    if constexpr (kDeferred > 0) {
-#pragma unroll
-      for (int d = 0; d < kDeferred; ++d) PackPass<kKind>(acc, kFirstDeferred + d, deferred[d]);
+      for (int j = 0; j < PassWords(kKind); ++j) deferred[j] = PassWord<kKind>(acc, 1, 0, j);
       deferred_mt = mt;
       deferred_nt = nt;
       deferred_row0 = warp_row0;
     }
     if (tall) StoreRemainder<kKind>(p, mt, nt, cw, warp, lane, rem);
   });
-  stage_all_deferred();
+  stage_deferred();
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 #endif  // MOESERVE_SM90A
