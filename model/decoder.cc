@@ -225,6 +225,7 @@ absl::StatusOr<StepResult> DiffusionEngine::Step() {
   ASSIGN_OR_RETURN(ForwardOutput out,
                    model_->Forward(inputs, nullptr, {options_.mask_id, generatable}));
   result.layer_load = std::move(out.layer_load);
+  result.launch = out.launch;
 
   int64_t logit_row = 0, greedy_row = 0;
   std::vector<SequenceId> finished;

@@ -90,6 +90,7 @@ struct StepResult {
   int64_t batch_tokens = 0;           // tokens in this step's forward
   int64_t batch_sequences = 0;        // sequences in it
   std::vector<LayerLoad> layer_load;  // this forward's routing load
+  ForwardLaunch launch = ForwardLaunch::kEager;
 };
 
 struct EngineOptions {

@@ -191,13 +191,17 @@ struct GpuModel::Workspace {
 };
 
 GpuModel::~GpuModel() {
+  {
+    absl::MutexLock lock(&mu_);
+    DropGraphs();
+  }
   gemm_.reset();
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
 absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelConfig& c,
                                                            const ModelWeights& w,
-                                                           DType matrix_dtype) {
+                                                           DType matrix_dtype, bool cuda_graphs) {
   if (!cuda::CudaDeviceAvailable()) {
     return absl::UnavailableError("device cuda: no CUDA device is available");
   }
@@ -220,6 +224,7 @@ absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelConfig& c,
   }
   std::unique_ptr<GpuModel> m(new GpuModel());
   m->matrix_dtype_ = matrix_dtype;
+  m->cuda_graphs_ = cuda_graphs;
   CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&m->stream_, cudaStreamNonBlocking));
   ASSIGN_OR_RETURN(m->gemm_, cuda::Gemm::Create(m->stream_));
 
@@ -426,6 +431,7 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
   const size_t at_logit_rows = packer.Place<int32_t>(logit_rows);
   if (metadata_.bytes() < packer.bytes().size()) {
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    DropGraphs();  // they read the old buffer
     metadata_ = cuda::DeviceBuffer();
     ASSIGN_OR_RETURN(metadata_, cuda::DeviceBuffer::Allocate(packer.bytes().size() * 2));
   }
@@ -505,6 +511,7 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
   carve(measure);
   if (workspace_.bytes() < measure.size()) {
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
+    DropGraphs();  // they use the old buffer
     workspace_ = cuda::DeviceBuffer();
     ASSIGN_OR_RETURN(workspace_, cuda::DeviceBuffer::Allocate(measure.size()));
   }
@@ -530,47 +537,74 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
     return cuda::CopyToHost(device, count * sizeof(T), host);
   };
 
-  RETURN_IF_ERROR(cuda::Embedding(embedding_, ws.ids, num_tokens, ws.x, stream_));
-  for (int64_t l = 0; l < layers; ++l) {
-    const Layer& layer = layers_[l];
-    if (trace != nullptr) {
-      trace->hidden_in[l].resize(num_tokens * hidden);
-      RETURN_IF_ERROR(download(ws.x, num_tokens * hidden, trace->hidden_in[l].data()));
-    }
-    // Attention.
-    RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.input_norm, nullptr, ws.h));
-    RETURN_IF_ERROR(gemm(ws.h, num_tokens, layer.wq, DType::kF32, ws.q, 0.0f));
-    RETURN_IF_ERROR(gemm(ws.h, num_tokens, layer.wk, DType::kF32, ws.k, 0.0f));
-    RETURN_IF_ERROR(gemm(ws.h, num_tokens, layer.wv, DType::kF32, ws.v, 0.0f));
-    const float theta = static_cast<float>(c.rope_theta), eps = static_cast<float>(c.rms_norm_eps);
-    RETURN_IF_ERROR(
-        cuda::QkNormRope({ws.q, ws.positions, num_tokens, c.num_attention_heads, c.head_dim,
-                          c.rotary_dim, theta, DType::kF32, layer.q_norm, eps},
-                         stream_));
-    RETURN_IF_ERROR(
-        cuda::QkNormRope({ws.k, ws.positions, num_tokens, c.num_key_value_heads, c.head_dim,
-                          c.rotary_dim, theta, DType::kF32, layer.k_norm, eps},
-                         stream_));
-    const cuda::AttentionSequence* table = ws.sequences + l * num_seqs;
-    RETURN_IF_ERROR(
-        cuda::AppendKv({ws.k, ws.v, table, num_seqs, max_queries, kv_size, a_dtype}, stream_));
-    cuda::AttentionArgs attn{
-        ws.q,       table,  num_seqs, max_queries, c.num_attention_heads, c.num_key_value_heads,
-        c.head_dim, a_dtype};
-    if (a_dtype == DType::kF32) attn.out = static_cast<float*>(ws.attn);
-    if (a_dtype == DType::kBF16) attn.out_bf16 = static_cast<__nv_bfloat16*>(ws.attn);
-    RETURN_IF_ERROR(cuda::Attention(attn, stream_));
-    RETURN_IF_ERROR(gemm(ws.attn, num_tokens, layer.wo, DType::kF32, ws.x, 1.0f));
+  // The device work of the embedding and every layer: no host round trip on the graphable path.
+  auto run_layers = [&]() -> absl::Status {
+    RETURN_IF_ERROR(cuda::Embedding(embedding_, ws.ids, num_tokens, ws.x, stream_));
+    for (int64_t l = 0; l < layers; ++l) {
+      const Layer& layer = layers_[l];
+      if (trace != nullptr) {
+        trace->hidden_in[l].resize(num_tokens * hidden);
+        RETURN_IF_ERROR(download(ws.x, num_tokens * hidden, trace->hidden_in[l].data()));
+      }
+      // Attention.
+      RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.input_norm, nullptr, ws.h));
+      RETURN_IF_ERROR(gemm(ws.h, num_tokens, layer.wq, DType::kF32, ws.q, 0.0f));
+      RETURN_IF_ERROR(gemm(ws.h, num_tokens, layer.wk, DType::kF32, ws.k, 0.0f));
+      RETURN_IF_ERROR(gemm(ws.h, num_tokens, layer.wv, DType::kF32, ws.v, 0.0f));
+      const float theta = static_cast<float>(c.rope_theta),
+                  eps = static_cast<float>(c.rms_norm_eps);
+      RETURN_IF_ERROR(
+          cuda::QkNormRope({ws.q, ws.positions, num_tokens, c.num_attention_heads, c.head_dim,
+                            c.rotary_dim, theta, DType::kF32, layer.q_norm, eps},
+                           stream_));
+      RETURN_IF_ERROR(
+          cuda::QkNormRope({ws.k, ws.positions, num_tokens, c.num_key_value_heads, c.head_dim,
+                            c.rotary_dim, theta, DType::kF32, layer.k_norm, eps},
+                           stream_));
+      const cuda::AttentionSequence* table = ws.sequences + l * num_seqs;
+      RETURN_IF_ERROR(
+          cuda::AppendKv({ws.k, ws.v, table, num_seqs, max_queries, kv_size, a_dtype}, stream_));
+      cuda::AttentionArgs attn{
+          ws.q,       table,  num_seqs, max_queries, c.num_attention_heads, c.num_key_value_heads,
+          c.head_dim, a_dtype};
+      if (a_dtype == DType::kF32) attn.out = static_cast<float*>(ws.attn);
+      if (a_dtype == DType::kBF16) attn.out_bf16 = static_cast<__nv_bfloat16*>(ws.attn);
+      RETURN_IF_ERROR(cuda::Attention(attn, stream_));
+      RETURN_IF_ERROR(gemm(ws.attn, num_tokens, layer.wo, DType::kF32, ws.x, 1.0f));
 
-    // MLP or MoE.
-    if (!layer.moe) {
-      RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.post_attention_norm, nullptr, ws.h));
-      RETURN_IF_ERROR(Mlp(ws, num_tokens, layer.w13, layer.w2, ws.x, 1.0f));
-    } else {
-      RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.post_attention_norm, ws.h_f32, ws.h));
-      RETURN_IF_ERROR(MoeBlock(c, layer, l, ws, num_tokens, trace));
+      // MLP or MoE.
+      if (!layer.moe) {
+        RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.post_attention_norm, nullptr, ws.h));
+        RETURN_IF_ERROR(Mlp(ws, num_tokens, layer.w13, layer.w2, ws.x, 1.0f));
+      } else {
+        RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.post_attention_norm, ws.h_f32, ws.h));
+        RETURN_IF_ERROR(MoeBlock(c, layer, l, ws, num_tokens, trace));
+      }
+    }
+    return absl::OkStatus();
+  };
+  // Everything those launches take from the host besides the model's own buffers: the sizes, the
+  // metadata's layout and the two buffers' addresses (the workspace is carved from the sizes).
+  std::vector<int64_t> shape;
+  const bool host_free = c.num_moe_layers() == 0 ||
+                         cuda::MoeExpertsFused(a_dtype, experts, hidden, c.moe_intermediate_size);
+  if (cuda_graphs_ && trace == nullptr && host_free) {
+    shape = {num_tokens,
+             num_seqs,
+             max_queries,
+             ws.num_tc_rows,
+             ws.scopes.num_scopes,
+             ws.scopes.max_scope_rows,
+             ws.scopes.total_capacity,
+             ws.num_assignments,
+             static_cast<int64_t>(reinterpret_cast<uintptr_t>(metadata_.data())),
+             static_cast<int64_t>(reinterpret_cast<uintptr_t>(workspace_.data()))};
+    for (size_t at : {at_positions, at_attention, at_tc_rows, at_row_offsets, at_scope_rows,
+                      at_capacity, at_selected_offsets, at_renormalize, at_row_mode}) {
+      shape.push_back(static_cast<int64_t>(at));
     }
   }
+  ASSIGN_OR_RETURN(output.launch, RunLayers(std::move(shape), run_layers));
   for (int64_t s = 0; s < num_seqs; ++s) {
     batch[s].cache->Commit(spans[s].start_pos + batch[s].commit_tokens);
   }
@@ -626,6 +660,71 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
     }
   }
   return output;
+}
+
+void GpuModel::SetCudaGraphs(bool enabled) {
+  absl::MutexLock lock(&mu_);
+  cuda_graphs_ = enabled;
+}
+
+void GpuModel::DropGraphs() {
+  // An executable graph still running is freed once it completes.
+  for (auto& [shape, graph] : graphs_) {
+    if (graph.exec != nullptr) cudaGraphExecDestroy(graph.exec);
+  }
+  graphs_.clear();
+}
+
+absl::StatusOr<ForwardLaunch> GpuModel::RunLayers(std::vector<int64_t> shape,
+                                                  absl::FunctionRef<absl::Status()> layers) {
+  if (shape.empty()) {
+    RETURN_IF_ERROR(layers());
+    return ForwardLaunch::kEager;
+  }
+  auto it = graphs_.find(shape);
+  if (it == graphs_.end()) {
+    if (graphs_.size() >= kMaxGraphs) {
+      auto oldest = graphs_.begin();
+      for (auto g = graphs_.begin(); g != graphs_.end(); ++g) {
+        if (g->second.last_use < oldest->second.last_use) oldest = g;
+      }
+      if (oldest->second.exec != nullptr) cudaGraphExecDestroy(oldest->second.exec);
+      graphs_.erase(oldest);
+    }
+    it = graphs_.emplace(std::move(shape), Graph{}).first;
+  }
+  Graph& graph = it->second;
+  graph.last_use = ++graph_clock_;
+  if (graph.exec != nullptr) {
+    CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph.exec, stream_));
+    return ForwardLaunch::kReplayed;
+  }
+  if (graph.failed || ++graph.sightings < 2) {
+    RETURN_IF_ERROR(layers());
+    return ForwardLaunch::kEager;
+  }
+  // Thread-local capture: other threads' CUDA calls (a cache's allocation, say) stay legal.
+  CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  const absl::Status queued = layers();
+  cudaGraph_t captured = nullptr;
+  cudaError_t error = cudaStreamEndCapture(stream_, &captured);
+  if (queued.ok() && error == cudaSuccess) {
+    error = cudaGraphInstantiate(&graph.exec, captured, 0);
+  }
+  if (captured != nullptr) cudaGraphDestroy(captured);
+  if (!queued.ok() || error != cudaSuccess) {
+    // Nothing captured has run: the forward runs eagerly, and so does this shape from now on.
+    cudaGetLastError();
+    graph.exec = nullptr;
+    graph.failed = true;
+    MOESERVE_LOG(WARNING) << "CUDA graph capture of a forward failed ("
+                          << (queued.ok() ? cudaGetErrorString(error) : queued.message())
+                          << "); that batch shape runs without a graph";
+    RETURN_IF_ERROR(layers());
+    return ForwardLaunch::kEager;
+  }
+  CUDA_RETURN_IF_ERROR(cudaGraphLaunch(graph.exec, stream_));
+  return ForwardLaunch::kCaptured;
 }
 
 absl::Status GpuModel::Mlp(Workspace& ws, int64_t num_tokens, const MatrixView& w13,

@@ -81,8 +81,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(ModelConfig config, ModelWe
       return FromWeights(std::move(config), std::move(weights));
     case Device::kCuda: {
 #if MOESERVE_HAVE_CUDA
-      ASSIGN_OR_RETURN(std::unique_ptr<GpuModel> gpu,
-                       GpuModel::Create(config, weights, options.gpu_matrix_dtype));
+      ASSIGN_OR_RETURN(
+          std::unique_ptr<GpuModel> gpu,
+          GpuModel::Create(config, weights, options.gpu_matrix_dtype, options.cuda_graphs));
       std::unique_ptr<Model> model(new Model(std::move(config), ModelWeights()));
       model->gpu_ = std::move(gpu);
       return model;
@@ -102,6 +103,26 @@ int64_t Model::kv_bytes_per_position() const {
   if (gpu_) element = static_cast<int64_t>(DTypeSize(gpu_->matrix_dtype()));
 #endif
   return 2 * config_.num_hidden_layers * config_.kv_size() * element;
+}
+
+void Model::SetCudaGraphs(bool enabled) {
+#if MOESERVE_HAVE_CUDA
+  if (gpu_) gpu_->SetCudaGraphs(enabled);
+#else
+  (void)enabled;
+#endif
+}
+
+const char* ForwardLaunchName(ForwardLaunch launch) {
+  switch (launch) {
+    case ForwardLaunch::kEager:
+      return "eager";
+    case ForwardLaunch::kCaptured:
+      return "captured";
+    case ForwardLaunch::kReplayed:
+      return "replayed";
+  }
+  return "unknown";
 }
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir,

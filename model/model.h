@@ -38,7 +38,20 @@ struct ModelOptions {
   // path; F32 checkpoints are rounded) or kF32 (BF16 weights widened exactly: the GPU computes in
   // float32 like the CPU reference, for checking it against the goldens).
   DType gpu_matrix_dtype = DType::kBF16;
+  // GPU only: replay the device work of a batch shape seen before (embedding through the last
+  // layer) as one CUDA graph instead of launching its ~20 kernels a layer one by one. Only where
+  // that work never waits for the host: BF16 with the fused experts (model/gpu_model.h).
+  bool cuda_graphs = true;
 };
+
+// How a forward's layers were launched (model/gpu_model.h).
+enum class ForwardLaunch {
+  kEager,     // kernel by kernel (always on the CPU)
+  kCaptured,  // captured into a new CUDA graph, then replayed
+  kReplayed,  // replayed from a graph captured by an earlier forward of the same shape
+};
+inline constexpr int kNumForwardLaunches = 3;
+const char* ForwardLaunchName(ForwardLaunch launch);  // "eager", "captured", "replayed"
 
 // One sequence's chunk of tokens in a forward.
 struct SequenceInput {
@@ -114,6 +127,7 @@ struct ForwardOutput {
   std::vector<LayerLoad> layer_load;
   // [batch size]: per-sequence routing statistics.
   std::vector<SequenceRoutingStats> sequences;
+  ForwardLaunch launch = ForwardLaunch::kEager;
 };
 
 class GpuModel;
@@ -146,6 +160,10 @@ class Model {
   absl::StatusOr<ForwardOutput> Forward(std::span<SequenceInput> batch,
                                         ForwardTrace* trace = nullptr,
                                         const GreedyOptions& greedy = {}) const;
+
+  // GPU models: turns CUDA graphs on or off for later forwards (ModelOptions::cuda_graphs); tests
+  // and benchmarks compare both ways in one process.
+  void SetCudaGraphs(bool enabled);
 
  private:
   Model(ModelConfig config, ModelWeights weights);

@@ -19,6 +19,10 @@ ABSL_FLAG(std::string, device, "auto",
 ABSL_FLAG(std::string, gpu_dtype, "",
           "GPU weight matrices and GEMM inputs: bf16 (fast) or f32 (float32 like the CPU "
           "reference). Empty: bf16, except for verify, which checks float32 goldens with f32.");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "GPU: replay the layers of a batch shape seen before as one CUDA graph (BF16 with the "
+          "fused experts; the first forward of a shape runs eagerly, the second is captured). "
+          "false: launch every kernel each forward.");
 ABSL_FLAG(std::string, demo_config, "",
           "serve, generate without --model_dir: config.json whose shape the random-weight demo "
           "model takes (e.g. model/configs/LLaDA2.0-mini-preview.json for full-size benchmarks). "
@@ -112,6 +116,7 @@ absl::StatusOr<ModelOptions> ModelOptionsFromFlags() {
     return absl::InvalidArgumentError(
         absl::StrCat("--gpu_dtype \"", dtype, "\" is unknown: bf16 or f32"));
   }
+  options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   return options;
 }
 

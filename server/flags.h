@@ -18,6 +18,7 @@ ABSL_DECLARE_FLAG(std::string, tokenizer);
 ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(std::string, device);
 ABSL_DECLARE_FLAG(std::string, gpu_dtype);
+ABSL_DECLARE_FLAG(bool, cuda_graphs);
 ABSL_DECLARE_FLAG(std::string, demo_config);
 // Offline commands.
 ABSL_DECLARE_FLAG(std::string, golden_dir);
@@ -71,9 +72,9 @@ namespace moeserve {
 absl::StatusOr<RoutingOptions> RoutingOptionsFromFlags();
 // The decoding flags as options; errors name the flag.
 absl::StatusOr<DecodeOptions> DecodeOptionsFromFlags();
-// --device and --gpu_dtype; errors name the flag.
+// --device, --gpu_dtype and --cuda_graphs; errors name the flag.
 absl::StatusOr<ModelOptions> ModelOptionsFromFlags();
-// --model_dir, --tokenizer, --seed, --demo_config, --device, --gpu_dtype.
+// --model_dir, --tokenizer, --seed, --demo_config, --device, --gpu_dtype, --cuda_graphs.
 absl::StatusOr<TextModelOptions> TextModelOptionsFromFlags();
 
 }  // namespace moeserve

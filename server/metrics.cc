@@ -237,6 +237,17 @@ ServerMetrics::ServerMetrics(const ModelConfig& config, const ServerMetricsOptio
                    .Help("Engine steps (one batched forward each).")
                    .Register(r)
                    .Add({});
+  auto& launches = BuildCounter()
+                       .Name("moeserve_forward_launches_total")
+                       .Help(
+                           "Engine steps by how the forward's layers ran on the GPU: eager (kernel "
+                           "by kernel; always on the CPU), captured (into a new CUDA graph), "
+                           "replayed (from a graph of the same batch shape).")
+                       .Register(r);
+  for (int l = 0; l < kNumForwardLaunches; ++l) {
+    forward_launches_[l] =
+        &launches.Add({{"launch", ForwardLaunchName(static_cast<ForwardLaunch>(l))}});
+  }
   forward_tokens_ = &BuildHistogram()
                          .Name("moeserve_forward_tokens")
                          .Help("Tokens packed into one forward.")
@@ -294,6 +305,7 @@ ServerMetrics::~ServerMetrics() = default;
 
 void ServerMetrics::ObserveStep(const StepResult& step, absl::Duration step_time) {
   forwards_->Increment();
+  forward_launches_[static_cast<int>(step.launch)]->Increment();
   forward_tokens_->Observe(static_cast<double>(step.batch_tokens));
   step_duration_->Observe(Seconds(step_time));
   batch_tokens_->Set(static_cast<double>(step.batch_tokens));

@@ -119,6 +119,7 @@ class ServerMetrics {
   prometheus::Counter* generated_tokens_[kNumRoutingModes] = {};
   prometheus::Counter* prompt_tokens_[kNumRoutingModes] = {};
   prometheus::Counter* forwards_ = nullptr;
+  prometheus::Counter* forward_launches_[kNumForwardLaunches] = {};
   prometheus::Histogram* forward_tokens_ = nullptr;
   prometheus::Histogram* step_duration_ = nullptr;
   prometheus::Gauge* batch_tokens_ = nullptr;

@@ -3,8 +3,8 @@
 #   tests/device/bundle.sh .devrun/gpu build/tests/kernels_cuda_test build/tests/model_gpu_test \
 #     build/tests/model_bench build/tests/cuda_bench build/server/moeserve build/client/moeserve-cli
 #   device tool: carry [".devrun/gpu"], command `tests/device/gpu_run.sh [steps]`
-# Steps (default all): tests, verify, bench, serve. Full logs go to $OUT (or /tmp/gpu_run); the
-# tail of each is printed.
+# Steps (default all): tests, verify, bench, serve (SERVE_FLAGS: extra server flags, e.g.
+# --cuda_graphs=false). Full logs go to $OUT (or /tmp/gpu_run); the tail of each is printed.
 set -uo pipefail
 B=.devrun/gpu
 OUT=${OUT:-/tmp/gpu_run}
@@ -38,7 +38,7 @@ for step in $steps; do
       echo "cuda_bench rc=$?"; grep -vE "^I[0-9]" "$OUT/cuda_bench.log" | head -60
       ;;
     serve)
-      $B/moeserve serve --device cuda --demo_config model/configs/LLaDA2.0-mini-preview.json \
+      $B/moeserve serve --device cuda --demo_config model/configs/LLaDA2.0-mini-preview.json ${SERVE_FLAGS:-} \
         --port 50551 --metrics_port 50552 --max_batch_tokens 4096 --max_concurrent_sequences 64 \
         >"$OUT/serve.log" 2>&1 &
       pid=$!

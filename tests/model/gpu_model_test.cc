@@ -1,13 +1,16 @@
 // The GPU forward (model/gpu_model.h) against the upstream goldens and the CPU forward: the tiny
 // golden checkpoint in float32 on the GPU (forward cases and the reference generate() cases),
 // mixed routing modes in float32 and BF16 against the CPU's float32 forward with their load
-// statistics, batch independence, and the decoder on the GPU against the decoder on the CPU.
+// statistics, batch independence, the decoder on the GPU against the decoder on the CPU, and
+// forwards replayed from CUDA graphs against the same forwards launched kernel by kernel.
 // Every test skips itself without a GPU.
 #include <cmath>
 #include <cstdio>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kernels/cuda/moe_experts.h"
+#include "kernels/util/status_macros.h"
 #include "model/checkpoint.h"
 #include "model/decoder.h"
 #include "model/golden.h"
@@ -320,6 +323,193 @@ TEST(GpuDecoderTest, DecodesLikeTheCpu) {
   EXPECT_EQ(got, want);
   ASSERT_EQ(want.size(), requests.size());
   for (const auto& [id, t] : want) EXPECT_FALSE(t.empty()) << "sequence " << id;
+}
+
+// A random-weight model whose shapes take the fused experts (BF16, hidden and expert width
+// multiples of the tiles), where forwards are replayed from CUDA graphs.
+absl::StatusOr<std::unique_ptr<Model>> FusedShapeModel(bool cuda_graphs) {
+  ASSIGN_OR_RETURN(ModelConfig c, LoadModelConfig(kTinyDir + "/config.json"));
+  c.hidden_size = 256;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  c.rotary_dim = 32;
+  c.intermediate_size = 256;
+  c.moe_intermediate_size = 128;
+  c.num_hidden_layers = 3;
+  c.first_k_dense_replace = 1;
+  return Model::Create(c, RandomWeights(c, {.seed = 17, .init_std = 0.1}),
+                       {Device::kCuda, DType::kBF16, cuda_graphs});
+}
+
+bool FusedExperts(const Model& model) {
+  const ModelConfig& c = model.config();
+  return cuda::MoeExpertsFused(DType::kBF16, c.num_experts, c.hidden_size, c.moe_intermediate_size);
+}
+
+bool Identical(const ForwardOutput& a, const ForwardOutput& b) {
+  if (a.logits != b.logits || a.greedy.size() != b.greedy.size()) return false;
+  for (size_t r = 0; r < a.greedy.size(); ++r) {
+    if (a.greedy[r].token != b.greedy[r].token || a.greedy[r].p != b.greedy[r].p) return false;
+  }
+  for (size_t l = 0; l < a.layer_load.size(); ++l) {
+    for (int m = 0; m < kNumRoutingModes; ++m) {
+      if (a.layer_load[l].by_mode[m].tokens_per_expert !=
+          b.layer_load[l].by_mode[m].tokens_per_expert) {
+        return false;
+      }
+    }
+  }
+  for (size_t s = 0; s < a.sequences.size(); ++s) {
+    if (a.sequences[s].experts_per_token != b.sequences[s].experts_per_token ||
+        a.sequences[s].dropped_tokens != b.sequences[s].dropped_tokens) {
+      return false;
+    }
+  }
+  return a.layer_load.size() == b.layer_load.size() && a.sequences.size() == b.sequences.size();
+}
+
+// A denoising-like sequence of forwards: prefills, steps of one batch over fixed caches (new ids
+// and fewer logit rows each step), a step that commits the blocks (one cache then grows past its
+// first device allocation), steps over the longer prefixes, a smaller batch, then a prefill that
+// grows the workspace (dropping every graph) and the smaller batch again.
+std::vector<ForwardOutput> DenoisingForwards(const Model& model) {
+  const int vocab = static_cast<int>(model.config().vocab_size);
+  constexpr int kBlock = 32;
+  RoutingOptions ec, ec_batch;
+  ec.mode = ec_batch.mode = RoutingMode::kExpertChoice;
+  ec_batch.scope = RoutingScope::kBatch;
+  const RoutingOptions modes[] = {{}, ec, ec_batch};
+  const int prefill[] = {40, 24, 220};
+  std::vector<KvCache> caches;
+  for (int s = 0; s < 3; ++s) caches.emplace_back(model.config());
+  std::vector<ForwardOutput> outs;
+  auto forward = [&](std::vector<SequenceInput> in) {
+    absl::StatusOr<ForwardOutput> out = model.Forward(in, nullptr, {/*excluded_token=*/3, 0});
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (out.ok()) outs.push_back(*std::move(out));
+  };
+  std::vector<std::vector<int32_t>> ids;
+  for (int s = 0; s < 3; ++s) ids.push_back(Ids(prefill[s], 40 + s, vocab));
+  for (int s = 0; s < 3; ++s) {
+    std::vector<SequenceInput> in(1);
+    in[0].token_ids = ids[s];
+    in[0].cache = &caches[s];
+    in[0].block_length = kBlock;
+    in[0].commit_tokens = prefill[s];
+    in[0].routing = modes[s];
+    forward(std::move(in));
+  }
+  auto step = [&](int num_seqs, int k, bool commit) {
+    std::vector<std::vector<int32_t>> block(num_seqs);
+    std::vector<SequenceInput> in(num_seqs);
+    for (int s = 0; s < num_seqs; ++s) {
+      block[s] = Ids(kBlock, 7 * k + s, vocab);
+      in[s].token_ids = block[s];
+      in[s].cache = &caches[s];
+      in[s].block_length = kBlock;
+      in[s].commit_tokens = commit ? kBlock : 0;
+      for (int r = k % kBlock; r < kBlock; ++r) in[s].logit_rows.push_back(r);
+      in[s].routing = modes[s];
+      in[s].greedy = s != 2;
+    }
+    forward(std::move(in));
+  };
+  for (int k = 0; k < 4; ++k) step(3, k, false);
+  step(3, 4, true);
+  for (int k = 5; k < 8; ++k) step(3, k, false);
+  for (int k = 8; k < 11; ++k) step(2, k, false);
+  KvCache big(model.config());
+  const std::vector<int32_t> long_ids = Ids(600, 9, vocab);
+  std::vector<SequenceInput> in(1);
+  in[0].token_ids = long_ids;
+  in[0].cache = &big;
+  in[0].commit_tokens = 600;
+  forward(std::move(in));
+  for (int k = 11; k < 14; ++k) step(2, k, false);
+  return outs;
+}
+
+TEST(GpuGraphTest, ReplayedForwardsMatchEagerOnesBitForBit) {
+  SKIP_WITHOUT_GPU();
+  // Two models of the same weights: one launches every kernel, one replays graphs.
+  auto eager_model = FusedShapeModel(false);
+  auto graph_model = FusedShapeModel(true);
+  ASSERT_TRUE(eager_model.ok()) << eager_model.status();
+  ASSERT_TRUE(graph_model.ok()) << graph_model.status();
+  if (!FusedExperts(**graph_model)) {
+    GTEST_SKIP() << "graphs need the fused experts (an sm_90 GPU and an sm_90a build)";
+  }
+  const std::vector<ForwardOutput> eager = DenoisingForwards(**eager_model);
+  const std::vector<ForwardOutput> graphed = DenoisingForwards(**graph_model);
+  ASSERT_EQ(graphed.size(), eager.size());
+  int launches[kNumForwardLaunches] = {};
+  for (size_t f = 0; f < eager.size(); ++f) {
+    EXPECT_TRUE(Identical(graphed[f], eager[f])) << "forward " << f;
+    EXPECT_EQ(eager[f].launch, ForwardLaunch::kEager) << "forward " << f;
+    ++launches[static_cast<int>(graphed[f].launch)];
+  }
+  // Shapes: three prefills (once each), the 3-sequence step (8 forwards: eager, captured, 6
+  // replays), the 2-sequence step (3: eager, captured, replay), the long prefill (its workspace
+  // growth drops both graphs), the 2-sequence step again (eager, captured, replay). A failed
+  // capture would run eagerly.
+  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kEager)], 3 + 1 + 1 + 1 + 1);
+  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kCaptured)], 3);
+  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kReplayed)], 6 + 1 + 1);
+}
+
+// The decoder's steps repeat batch shapes, so most of its forwards replay graphs; the tokens are
+// those of the same decode with every kernel launched eagerly.
+TEST(GpuGraphTest, DecoderTokensDoNotDependOnGraphs) {
+  SKIP_WITHOUT_GPU();
+  auto model = FusedShapeModel(true);
+  ASSERT_TRUE(model.ok()) << model.status();
+  if (!FusedExperts(**model)) {
+    GTEST_SKIP() << "graphs need the fused experts (an sm_90 GPU and an sm_90a build)";
+  }
+  EngineOptions engine;
+  engine.mask_id = 511;
+  engine.max_batch_tokens = 256;
+  RoutingOptions ec;
+  ec.mode = RoutingMode::kExpertChoice;
+  auto run = [&](int* launches) {
+    DiffusionEngine e(model->get(), engine);
+    for (int i = 0; i < 4; ++i) {
+      DecodeOptions d;
+      d.block_length = 32;
+      d.max_new_tokens = 64;
+      d.policy = i % 2 ? CommitPolicy::kScheduled : CommitPolicy::kThreshold;
+      d.threshold = 0.3;
+      if (i == 3) {
+        d.sampling.temperature = 0.8;
+        d.seed = 7;
+      }
+      auto id = e.Add(Ids(5 + 23 * i, i, 500), d, i % 2 ? ec : RoutingOptions());
+      EXPECT_TRUE(id.ok()) << id.status();
+    }
+    std::map<SequenceId, std::vector<int32_t>> tokens;
+    while (!e.idle()) {
+      auto step = e.Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok()) break;
+      ++launches[static_cast<int>(step->launch)];
+      for (const SequenceEvent& ev : step->events) {
+        tokens[ev.id].insert(tokens[ev.id].end(), ev.new_tokens.begin(), ev.new_tokens.end());
+      }
+    }
+    return tokens;
+  };
+  int eager[kNumForwardLaunches] = {}, graphed[kNumForwardLaunches] = {};
+  (*model)->SetCudaGraphs(false);
+  const auto want = run(eager);
+  (*model)->SetCudaGraphs(true);
+  const auto got = run(graphed);
+  EXPECT_EQ(got, want);
+  std::printf("  decoder with graphs: %d forwards eager, %d captured, %d replayed\n", graphed[0],
+              graphed[1], graphed[2]);
+  EXPECT_EQ(eager[1] + eager[2], 0);
+  EXPECT_GT(graphed[static_cast<int>(ForwardLaunch::kReplayed)],
+            graphed[static_cast<int>(ForwardLaunch::kEager)]);
 }
 
 }  // namespace

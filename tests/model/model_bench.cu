@@ -19,15 +19,17 @@
 // 3. Whole forwards of the random-weight full LLaDA2.0-mini (Model on Device::kCuda, BF16) at 1,
 //    8, 32 and 64 concurrent 32-token blocks over a 512-token cached prefix each, token-choice and
 //    expert-choice (request scope, capacity factor 1.0 and 1.25): wall time of Model::Forward (all
-//    host work and synchronization included), and the ratio of the time to read what the forward
-//    must read (non-expert weights, lm_head, the touched experts, the K/V caches) at copy
-//    bandwidth.
+//    host work and synchronization included) with CUDA graphs, the ratio of the time to read what
+//    the forward must read (non-expert weights, lm_head, the touched experts, the K/V caches) at
+//    copy bandwidth, and as baseline the same forwards with every kernel launched eagerly.
 //
 // Usage: model_bench [--config model/configs/LLaDA2.0-mini-preview.json] [--layer-only]
-//                    [--sizes 32,256,1024,4096,16384] [--no-baselines] [--profile]
+//                    [--forward-only] [--sizes 32,256,1024,4096,16384] [--no-baselines]
+//                    [--profile]
 // --sizes picks the layer's token counts; --no-baselines times the fused layer alone and, by CUDA
 // graphs of its first parts, the plan build, the experts and the combine (quick comparisons);
-// --profile runs each layer once, untimed, and nothing else (for ncu: one launch per kernel).
+// --profile runs each layer once, untimed, and nothing else (for ncu: one launch per kernel);
+// --forward-only runs part 3 alone.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -380,8 +382,11 @@ void BenchForward(const std::string& config_path) {
   ec1.capacity_factor = 1.0;
   const Mode modes[] = {
       {"token_choice", {}}, {"expert_choice cf 1.0", ec1}, {"expert_choice cf 1.25", ec125}};
-  std::printf("%-22s %6s %7s %10s %11s %10s %7s\n", "routing", "blocks", "tokens", "forward ms",
-              "experts/l", "floor ms", "floor%");
+  std::printf(
+      "whole forwards: wall time of Model::Forward with CUDA graphs (replayed from the third "
+      "forward of a shape on), and the same forwards launched kernel by kernel (eager)\n");
+  std::printf("%-22s %6s %7s %10s %11s %10s %7s %9s %8s %5s\n", "routing", "blocks", "tokens",
+              "forward ms", "experts/l", "floor ms", "floor%", "eager ms", "speedup", "repl");
   for (int64_t blocks : {1, 8, 32, 64}) {
     for (const Mode& m : modes) {
       std::vector<KvCache> caches;
@@ -408,33 +413,44 @@ void BenchForward(const std::string& config_path) {
         in[b].routing = m.routing;
         in[b].greedy = true;
       }
-      std::vector<double> ms;
       double touched = 0;
-      for (int it = 0; it < 13; ++it) {
-        const auto s = std::chrono::steady_clock::now();
-        absl::StatusOr<ForwardOutput> out = (*model)->Forward(in, nullptr, {0, 0});
-        const auto e = std::chrono::steady_clock::now();
-        Check(out.status(), "forward");
-        if (it < 3) continue;  // warm-up
-        ms.push_back(std::chrono::duration<double, std::milli>(e - s).count());
-        touched = 0;
-        for (const LayerLoad& load : out->layer_load) {
-          for (int64_t x = 0; x < c.num_experts; ++x) {
-            const RoutingLoad& tc = load.by_mode[0];
-            const RoutingLoad& ec = load.by_mode[1];
-            if (tc.tokens_per_expert.empty()) break;
-            touched += (tc.tokens_per_expert[x] + ec.tokens_per_expert[x]) > 0;
+      int replayed = 0;
+      // Median of 10 forwards after 3 of warm-up (with graphs: the first runs eagerly, the second
+      // is captured, the rest replay).
+      auto time_forwards = [&](bool graphs) {
+        (*model)->SetCudaGraphs(graphs);
+        std::vector<double> ms;
+        for (int it = 0; it < 13; ++it) {
+          const auto s = std::chrono::steady_clock::now();
+          absl::StatusOr<ForwardOutput> out = (*model)->Forward(in, nullptr, {0, 0});
+          const auto e = std::chrono::steady_clock::now();
+          Check(out.status(), "forward");
+          if (it < 3) continue;  // warm-up
+          ms.push_back(std::chrono::duration<double, std::milli>(e - s).count());
+          replayed += out->launch == ForwardLaunch::kReplayed;
+          touched = 0;
+          for (const LayerLoad& load : out->layer_load) {
+            for (int64_t x = 0; x < c.num_experts; ++x) {
+              const RoutingLoad& tc = load.by_mode[0];
+              const RoutingLoad& ec = load.by_mode[1];
+              if (tc.tokens_per_expert.empty()) break;
+              touched += (tc.tokens_per_expert[x] + ec.tokens_per_expert[x]) > 0;
+            }
           }
         }
-      }
+        return MedianMs(ms);
+      };
+      const double med = time_forwards(true);
+      const int replayed_with_graphs = replayed;
+      const double eager_med = time_forwards(false);
       const double kv_bytes =
           2.0 * blocks * (kPrefix + kBlock) * c.num_hidden_layers * c.kv_size() * 2;
       const double bytes = other_bytes + touched * expert_bytes + kv_bytes;
       const double floor_ms = bytes / copy_bw * 1e3;
-      const double med = MedianMs(ms);
-      std::printf("%-22s %6lld %7lld %10.2f %11.1f %10.2f %6.1f%%\n", m.name,
+      std::printf("%-22s %6lld %7lld %10.2f %11.1f %10.2f %6.1f%% %9.2f %7.2fx %5lld\n", m.name,
                   static_cast<long long>(blocks), static_cast<long long>(blocks * kBlock), med,
-                  touched / c.num_moe_layers(), floor_ms, 100.0 * floor_ms / med);
+                  touched / c.num_moe_layers(), floor_ms, 100.0 * floor_ms / med, eager_med,
+                  eager_med / med, static_cast<long long>(replayed_with_graphs));
     }
   }
 }
@@ -449,11 +465,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::string config = "model/configs/LLaDA2.0-mini-preview.json";
-  bool layer_only = false, baselines = true, profile = false;
+  bool layer_only = false, forward_only = false, baselines = true, profile = false;
   std::vector<int64_t> sizes = {32, 256, 1024, 4096, 16384};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
     if (std::strcmp(argv[i], "--layer-only") == 0) layer_only = true;
+    if (std::strcmp(argv[i], "--forward-only") == 0) forward_only = true;
     if (std::strcmp(argv[i], "--no-baselines") == 0) baselines = false;
     if (std::strcmp(argv[i], "--profile") == 0) profile = layer_only = true;
     if (std::strcmp(argv[i], "--sizes") == 0 && i + 1 < argc) {
@@ -473,7 +490,7 @@ int main(int argc, char** argv) {
   Check(cudaGetDeviceProperties(&prop, 0), "properties");
   std::printf("device: %s, %d SMs, %.0f MB L2, %.0f GB\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize / 1e6, prop.totalGlobalMem / 1e9);
-  {
+  if (!forward_only) {
     absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(nullptr);
     Check(gemm.status(), "gemm");
     const Ceilings ceil = profile ? Ceilings{} : MeasureCeilings(**gemm);

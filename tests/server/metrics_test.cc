@@ -85,8 +85,9 @@ TEST(ServerMetricsTest, ExpertLoadCountersAndGauges) {
   EXPECT_EQ(metrics.moe_layers(), (std::vector<int32_t>{1, 2, 3}));
   metrics.ObserveStep(Step(config, RoutingMode::kTokenChoice, {0, 1, 2, 3}, 10),
                       absl::Milliseconds(20));
-  metrics.ObserveStep(Step(config, RoutingMode::kExpertChoice, {5, 6}, 3, /*dropped=*/2),
-                      absl::Milliseconds(30));
+  StepResult replayed = Step(config, RoutingMode::kExpertChoice, {5, 6}, 3, /*dropped=*/2);
+  replayed.launch = ForwardLaunch::kReplayed;
+  metrics.ObserveStep(replayed, absl::Milliseconds(30));
   const std::string text = metrics.Serialize();
   EXPECT_EQ(
       Value(text, R"(moeserve_expert_tokens_total{expert="0",layer="1",routing="token_choice"})"),
@@ -121,6 +122,9 @@ TEST(ServerMetricsTest, ExpertLoadCountersAndGauges) {
   EXPECT_EQ(Value(text, R"(moeserve_experts_per_token_count{routing="expert_choice"})"), 15);
   // Engine.
   EXPECT_EQ(Value(text, "moeserve_forwards_total"), 2);
+  EXPECT_EQ(Value(text, R"(moeserve_forward_launches_total{launch="eager"})"), 1);
+  EXPECT_EQ(Value(text, R"(moeserve_forward_launches_total{launch="captured"})"), 0);
+  EXPECT_EQ(Value(text, R"(moeserve_forward_launches_total{launch="replayed"})"), 1);
   EXPECT_EQ(Value(text, "moeserve_batch_tokens"), 5);
   EXPECT_EQ(Value(text, "moeserve_engine_step_duration_seconds_count"), 2);
   EXPECT_NEAR(Value(text, "moeserve_engine_step_duration_seconds_sum"), 0.05, 1e-9);
