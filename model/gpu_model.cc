@@ -142,13 +142,15 @@ struct GpuModel::Layer {
 // Device buffers and the host-side sizes of one forward.
 struct GpuModel::Workspace {
   // Activations.
-  float* x = nullptr;           // [num_tokens, hidden_size], the residual stream
-  float* h_f32 = nullptr;       // [num_tokens, hidden_size], normed (the router's input)
-  void* h = nullptr;            // [num_tokens, hidden_size] in the matrix dtype (GEMM input)
-  float* q = nullptr;           // [num_tokens, num_heads, head_dim]
-  float* k = nullptr;           // [num_tokens, num_kv_heads, head_dim]
-  float* v = nullptr;           // [num_tokens, num_kv_heads, head_dim]
-  void* attn = nullptr;         // [num_tokens, q_size] in the matrix dtype
+  float* x = nullptr;              // [num_tokens, hidden_size], the residual stream
+  float* h_f32 = nullptr;          // [num_tokens, hidden_size], normed (the router's input)
+  void* h = nullptr;               // [num_tokens, hidden_size] in the matrix dtype (GEMM input)
+  float* q = nullptr;              // [num_tokens, num_heads, head_dim]
+  float* k = nullptr;              // [num_tokens, num_kv_heads, head_dim]
+  float* v = nullptr;              // [num_tokens, num_kv_heads, head_dim]
+  void* attn = nullptr;            // [num_tokens, q_size] in the matrix dtype
+  void* attn_workspace = nullptr;  // split-key partials (attention.h)
+  size_t attn_workspace_bytes = 0;
   void* gate_up = nullptr;      // [num_tokens, 2 * max width] in the matrix dtype
   void* act = nullptr;          // [num_tokens, max width] in the matrix dtype
   float* shared_out = nullptr;  // [num_tokens, hidden_size]
@@ -466,6 +468,14 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
   // Device workspace, carved twice: to measure, then over the (grown) buffer.
   const int64_t width =
       std::max({c.intermediate_size, c.moe_intermediate_size, c.shared_expert_width()});
+  cuda::AttentionArgs attention_shape;  // the launch shape every layer's attention has
+  attention_shape.num_sequences = num_seqs;
+  attention_shape.max_queries = max_queries;
+  attention_shape.num_heads = c.num_attention_heads;
+  attention_shape.num_kv_heads = c.num_key_value_heads;
+  attention_shape.head_dim = c.head_dim;
+  attention_shape.kv_dtype = a_dtype;
+  attention_shape.num_tokens = num_tokens;
   auto carve = [&](Carver& cv) {
     ws.x = cv.Take<float>(num_tokens * hidden);
     ws.h_f32 = cv.Take<float>(num_tokens * hidden);
@@ -475,6 +485,8 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
     ws.k = cv.Take<float>(num_tokens * kv_size);
     ws.v = cv.Take<float>(num_tokens * kv_size);
     ws.attn = cv.TakeBytes(num_tokens * c.q_size() * a_elem);
+    ws.attn_workspace_bytes = cuda::AttentionWorkspaceBytes(attention_shape);
+    ws.attn_workspace = cv.TakeBytes(ws.attn_workspace_bytes);
     ws.gate_up = cv.TakeBytes(num_tokens * 2 * width * a_elem);
     ws.act = cv.TakeBytes(num_tokens * width * a_elem);
     ws.shared_out = cv.Take<float>(num_tokens * hidden);
@@ -564,9 +576,11 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
       const cuda::AttentionSequence* table = ws.sequences + l * num_seqs;
       RETURN_IF_ERROR(
           cuda::AppendKv({ws.k, ws.v, table, num_seqs, max_queries, kv_size, a_dtype}, stream_));
-      cuda::AttentionArgs attn{
-          ws.q,       table,  num_seqs, max_queries, c.num_attention_heads, c.num_key_value_heads,
-          c.head_dim, a_dtype};
+      cuda::AttentionArgs attn = attention_shape;
+      attn.q = ws.q;
+      attn.sequences = table;
+      attn.workspace = ws.attn_workspace;
+      attn.workspace_bytes = ws.attn_workspace_bytes;
       if (a_dtype == DType::kF32) attn.out = static_cast<float*>(ws.attn);
       if (a_dtype == DType::kBF16) attn.out_bf16 = static_cast<__nv_bfloat16*>(ws.attn);
       RETURN_IF_ERROR(cuda::Attention(attn, stream_));

@@ -11,7 +11,10 @@
 //      (one for head_dim 16, where lanes 16..31 idle); accumulators are rescaled, then accumulate
 //      p * v over the tile's keys.
 // Masked scores (keys past a row's block-causal limit, or past the cache) are -inf and give p = 0.
-// The final division by l happens once per row at the end.
+// The final division by l happens once per row at the end. With split keys (attention.h) a block
+// takes one range of its tile's keys and leaves acc, m and l per row; MergeSplitsKernel rescales
+// the ranges to their common max and divides once.
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -26,6 +29,7 @@ constexpr int kThreads = 256;
 constexpr int kRows = 64;
 constexpr int kKeys = 32;
 constexpr int kPad = 4;
+constexpr int kMaxSplits = 16;
 
 template <int kDim>
 struct Layout {
@@ -87,7 +91,8 @@ template <int kDim, typename KV>
 __global__ void __launch_bounds__(kThreads)
     AttentionKernel(const float* __restrict__ q, const AttentionSequence* __restrict__ sequences,
                     int num_heads, int num_kv_heads, float scale, float* __restrict__ out,
-                    __nv_bfloat16* __restrict__ out_bf16) {
+                    __nv_bfloat16* __restrict__ out_bf16, int num_splits, int64_t num_tokens,
+                    float* __restrict__ part_acc, float2* __restrict__ part_ml) {
   using L = Layout<kDim>;
   constexpr int kDimsPerLane = kDim >= kWarpSize ? kDim / kWarpSize : 1;
   static_assert(kDim % 16 == 0 && kDim <= 128, "head_dim 16, 32, 64 or 128");
@@ -104,7 +109,8 @@ __global__ void __launch_bounds__(kThreads)
   const int kv = blockIdx.y;
   const int group = num_heads / num_kv_heads;
   const int tokens_per_tile = kRows / group;
-  const int first_token = blockIdx.x * tokens_per_tile;  // chunk-relative
+  const int split = blockIdx.x % num_splits;
+  const int first_token = blockIdx.x / num_splits * tokens_per_tile;  // chunk-relative
   if (first_token >= seq.num_queries) return;
   const int tile_tokens = min(tokens_per_tile, seq.num_queries - first_token);
   const int num_keys = seq.query_start + seq.num_queries;
@@ -130,6 +136,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   const int last_pos = seq.query_start + first_token + tile_tokens - 1;
   const int tile_keys = min(num_keys, (last_pos / seq.block_length + 1) * seq.block_length);
+  // This block's keys: one of num_splits ranges of whole key tiles.
+  const int range = static_cast<int>(CeilDiv(CeilDiv(tile_keys, num_splits), kKeys)) * kKeys;
+  const int key_begin = min(tile_keys, split * range);
+  const int key_end = min(tile_keys, key_begin + range);
 
   const KV* k_cache = static_cast<const KV*>(seq.k_cache);
   const KV* v_cache = static_cast<const KV*>(seq.v_cache);
@@ -146,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
   // Score role.
   const int ty = tid / 8, tx = tid % 8;
 
-  for (int key0 = 0; key0 < tile_keys; key0 += kKeys) {
+  for (int key0 = key_begin; key0 < key_end; key0 += kKeys) {
     for (int idx = tid; idx < kKeys * (kDim / 8); idx += kThreads) {
       const int j = idx / (kDim / 8), d = (idx % (kDim / 8)) * 8;
       const int key = key0 + j;
@@ -231,7 +241,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < kDimsPerLane; ++j) acc[i][j] *= alpha;
     }
-    const int keys_here = min(kKeys, tile_keys - key0);
+    const int keys_here = min(kKeys, key_end - key0);
     for (int j = 0; j < keys_here && lane_has_dims; ++j) {
       float v[kDimsPerLane];
       LoadLane<kDimsPerLane>(vs + j * kDim + lane * kDimsPerLane, v);
@@ -245,8 +255,29 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // ks, vs, ps are rewritten by the next tile
   }
 
-  if (sm_part == 0) row_l[sm_row] = l;
+  if (sm_part == 0) {
+    row_l[sm_row] = l;
+    row_alpha[sm_row] = m;  // the running max (no rescale factor is read past the loop)
+  }
   __syncthreads();
+  if (num_splits > 1) {
+    // This range's share: acc unnormalized, with m and l (rows with no visible key here: l = 0,
+    // which the merge skips).
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int r = warp * 8 + i;
+      const int t = r / group;
+      if (t >= tile_tokens || !lane_has_dims) continue;
+      const int64_t row = seq.first_row + first_token + t;
+      const int64_t slot = (split * num_tokens + row) * num_heads + kv * group + r % group;
+      if (lane == 0) part_ml[slot] = make_float2(row_alpha[r], row_l[r]);
+      if (row_l[r] == 0.0f) continue;
+#pragma unroll
+      for (int d = 0; d < kDimsPerLane; ++d)
+        part_acc[slot * kDim + lane * kDimsPerLane + d] = acc[i][d];
+    }
+    return;
+  }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int r = warp * 8 + i;
@@ -261,6 +292,45 @@ __global__ void __launch_bounds__(kThreads)
       if (out != nullptr) out[base + d] = o;
       if (out_bf16 != nullptr) out_bf16[base + d] = __float2bfloat16_rn(o);
     }
+  }
+}
+
+// One warp per (row, head): the split ranges rescaled to their common max, summed in range
+// order, divided by the summed l.
+template <int kDim>
+__global__ void __launch_bounds__(kThreads)
+    MergeSplitsKernel(const float* __restrict__ part_acc, const float2* __restrict__ part_ml,
+                      int num_splits, int64_t slots, float* __restrict__ out,
+                      __nv_bfloat16* __restrict__ out_bf16) {
+  constexpr int kDimsPerLane = kDim >= kWarpSize ? kDim / kWarpSize : 1;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t slot =
+      static_cast<int64_t>(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (slot >= slots) return;
+  float m = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) {
+    const float2 ml = part_ml[s * slots + slot];
+    if (ml.y > 0.0f) m = fmaxf(m, ml.x);
+  }
+  float l = 0.0f, o[kDimsPerLane] = {};
+  for (int s = 0; s < num_splits; ++s) {
+    const float2 ml = part_ml[s * slots + slot];
+    if (ml.y == 0.0f) continue;
+    const float w = expf(ml.x - m);
+    l += ml.y * w;
+    if (lane * kDimsPerLane >= kDim) continue;
+    const float* a = part_acc + (s * slots + slot) * kDim + lane * kDimsPerLane;
+#pragma unroll
+    for (int d = 0; d < kDimsPerLane; ++d) o[d] += w * a[d];
+  }
+  if (lane * kDimsPerLane >= kDim) return;
+  const float inv_l = 1.0f / l;
+#pragma unroll
+  for (int d = 0; d < kDimsPerLane; ++d) {
+    const int64_t at = slot * kDim + lane * kDimsPerLane + d;
+    const float v = o[d] * inv_l;
+    if (out != nullptr) out[at] = v;
+    if (out_bf16 != nullptr) out_bf16[at] = __float2bfloat16_rn(v);
   }
 }
 
@@ -288,12 +358,31 @@ absl::Status Launch(const AttentionArgs& a, cudaStream_t stream) {
                            static_cast<int>(L::kBytes));
   CUDA_RETURN_IF_ERROR(attribute_error);
   const int group = static_cast<int>(a.num_heads / a.num_kv_heads);
-  const dim3 grid(CeilDiv(a.max_queries, kRows / group), a.num_kv_heads, a.num_sequences);
+  const int splits = a.workspace != nullptr ? static_cast<int>(AttentionSplits(a)) : 1;
+  float* part_acc = nullptr;
+  float2* part_ml = nullptr;
+  const int64_t slots = a.num_tokens * a.num_heads;
+  if (splits > 1) {
+    if (a.num_tokens < 1 || a.workspace_bytes < AttentionWorkspaceBytes(a)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "attention: split keys need num_tokens >= 1 and ", AttentionWorkspaceBytes(a),
+          " bytes of workspace, got num_tokens ", a.num_tokens, " and ", a.workspace_bytes));
+    }
+    part_acc = static_cast<float*>(a.workspace);
+    part_ml = reinterpret_cast<float2*>(part_acc + splits * slots * kDim);
+  }
+  const dim3 grid(CeilDiv(a.max_queries, kRows / group) * splits, a.num_kv_heads, a.num_sequences);
   const float scale = 1.0f / std::sqrt(static_cast<float>(kDim));
   AttentionKernel<kDim, KV><<<grid, kThreads, L::kBytes, stream>>>(
       a.q, a.sequences, static_cast<int>(a.num_heads), static_cast<int>(a.num_kv_heads), scale,
-      a.out, a.out_bf16);
+      a.out, a.out_bf16, splits, a.num_tokens, part_acc, part_ml);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if (splits > 1) {
+    constexpr int kWarps = kThreads / kWarpSize;
+    MergeSplitsKernel<kDim><<<CeilDiv(slots, kWarps), kThreads, 0, stream>>>(
+        part_acc, part_ml, splits, slots, a.out, a.out_bf16);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
   return absl::OkStatus();
 }
 
@@ -309,6 +398,25 @@ absl::Status LaunchForDim(const AttentionArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int64_t AttentionSplits(const AttentionArgs& a) {
+  if (a.num_kv_heads < 1 || a.num_heads < a.num_kv_heads || a.num_sequences < 1 ||
+      a.max_queries < 1) {
+    return 1;
+  }
+  const int64_t group = a.num_heads / a.num_kv_heads;
+  const int64_t blocks = CeilDiv(a.max_queries, std::max<int64_t>(1, kRows / group)) *
+                         a.num_kv_heads * a.num_sequences;
+  // About two blocks per SM (the 76 KB of shared memory of head_dim 128 fits two).
+  return std::clamp<int64_t>(CeilDiv(2 * MultiprocessorCount(), blocks), 1, kMaxSplits);
+}
+
+size_t AttentionWorkspaceBytes(const AttentionArgs& a) {
+  const int64_t splits = AttentionSplits(a);
+  if (splits == 1) return 0;
+  const int64_t slots = splits * a.num_tokens * a.num_heads;
+  return static_cast<size_t>(slots * (a.head_dim + 2)) * sizeof(float);
+}
 
 absl::Status Attention(const AttentionArgs& a, cudaStream_t stream) {
   if (a.num_heads < 1 || a.num_kv_heads < 1 || a.num_heads % a.num_kv_heads != 0 ||

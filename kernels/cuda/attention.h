@@ -8,8 +8,16 @@
 // [queries, keys] matrix is ever stored. The query rows of one tile are (token, head) pairs of
 // the KV head's query-head group, so every K/V tile loaded serves the whole group (GQA).
 // Arithmetic is float32 on the CUDA cores (K/V from a F32 or BF16 cache, converted on load):
-// results agree with the CPU to float32 rounding. Tensor-core (mma/wgmma) variants and split-K
-// over long caches (few sequences, long contexts) are not written yet: see docs/CUDA.md.
+// results agree with the CPU to float32 rounding. Tensor-core (mma/wgmma) variants are not
+// written yet: see docs/CUDA.md.
+//
+// Split keys: when the (query tile, KV head, sequence) blocks are too few to fill the GPU (a few
+// sequences: 8 blocks for one 32-token block of LLaDA2.0-mini) and a workspace is given, every
+// block's visible keys are cut into AttentionSplits ranges (multiples of the 32-key tile), one
+// block each; each leaves its unnormalized output with its running max and sum in the workspace,
+// and a merge kernel combines the ranges in a fixed order (deterministic). The split count
+// depends only on the launch shape (sequence count, longest chunk, heads), never on the cached
+// lengths, so a CUDA graph captured for a shape stays valid as caches grow.
 //
 // Limits: head_dim 16, 32, 64 or 128; num_heads / num_kv_heads divides 64; at most 65535 sequences.
 #pragma once
@@ -48,8 +56,18 @@ struct AttentionArgs {
   DType kv_dtype = DType::kF32;
   float* out = nullptr;               // [num_tokens, num_heads, head_dim], or null
   __nv_bfloat16* out_bf16 = nullptr;  // same shape, or null
+  // Split keys (above): rows of q (the chunks' num_queries summed) and AttentionWorkspaceBytes of
+  // device memory. workspace null: one range per block.
+  int64_t num_tokens = 0;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
 };
 absl::Status Attention(const AttentionArgs& args, cudaStream_t stream);
+
+// Key ranges per block for this launch shape when a workspace is given (1: no split).
+int64_t AttentionSplits(const AttentionArgs& args);
+// Workspace for AttentionSplits ranges (0 when that is 1).
+size_t AttentionWorkspaceBytes(const AttentionArgs& args);
 
 // Copies each chunk's K and V rows (float32, packed like q) into its cache at positions
 // [query_start, query_start + num_queries), converting to the cache's dtype.

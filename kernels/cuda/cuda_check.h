@@ -28,6 +28,9 @@ bool IsStickyCudaError(cudaError_t error);
 // Whether a CUDA device can be used: cudaGetDeviceCount succeeds and finds at least one.
 bool CudaDeviceAvailable();
 
+// The current device's SM count (read once; 1 if it cannot be read).
+int MultiprocessorCount();
+
 }  // namespace moeserve::cuda
 
 #define CUDA_RETURN_IF_ERROR(expr)                                                               \

@@ -806,16 +806,6 @@ __global__ void ProbeKernel(int32_t* has_sm90a) {
 #endif
 }
 
-int MultiprocessorCount() {
-  static const int count = [] {
-    int device = 0, n = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    return std::max(n, 1);
-  }();
-  return count;
-}
-
 // A row-major BF16 matrix [rows, cols] as a tensor map with boxes of box_rows x 64 and the
 // 128-byte swizzle. The driver's encoder is looked up once through the runtime (no libcuda link).
 // L2 promotion stays at the box row's 128 bytes. With 256 (each copy also pulls the row's next

@@ -1511,9 +1511,26 @@ TEST_P(AttentionTest, MatchesCpuPerSequence) {
   args.kv_dtype = c.kv_dtype;
   args.out = d_out.get();
   args.out_bf16 = reinterpret_cast<__nv_bfloat16*>(d_out16.get());
+  args.num_tokens = num_tokens;
+  // One key range per block (no workspace), then split keys where the shape asks for them.
   ASSERT_OK(cuda::Attention(args, nullptr));
   EXPECT_TRUE(Close(d_out.ToHost(), want, kAttentionRtol, kAttentionAtol));
   EXPECT_TRUE(Close(DownloadBf16(d_out16), want, kBf16Rtol, kAttentionAtol, "bf16-out"));
+  const int64_t splits = cuda::AttentionSplits(args);
+  if (c.chunks.size() == 1 && c.heads / c.kv_heads * max_queries <= 64) EXPECT_GT(splits, 1);
+  if (splits > 1) {
+    DeviceArray<uint8_t> workspace(cuda::AttentionWorkspaceBytes(args));
+    args.workspace = workspace.get();
+    args.workspace_bytes = cuda::AttentionWorkspaceBytes(args);
+    args.workspace_bytes -= 4;
+    EXPECT_EQ(cuda::Attention(args, nullptr).code(), absl::StatusCode::kInvalidArgument);
+    args.workspace_bytes += 4;
+    d_out.Poison();
+    d_out16.Poison();
+    ASSERT_OK(cuda::Attention(args, nullptr));
+    EXPECT_TRUE(Close(d_out.ToHost(), want, kAttentionRtol, kAttentionAtol, "split"));
+    EXPECT_TRUE(Close(DownloadBf16(d_out16), want, kBf16Rtol, kAttentionAtol, "split bf16-out"));
+  }
   for (size_t s = 0; s < seqs.size(); ++s) {
     const std::vector<float> kc = bf16 ? DownloadBf16(k16[s]) : k32[s].ToHost();
     const std::vector<float> vc = bf16 ? DownloadBf16(v16[s]) : v32[s].ToHost();
@@ -1531,6 +1548,8 @@ INSTANTIATE_TEST_SUITE_P(
           {"mixed_batch",
            {{1, 0, 32}, {32, 64, 32}, {100, 0, 32}, {5, 3, 4}, {70, 0, 1000}, {64, 512, 32}}},
           {"causal_and_odd", {{33, 10, 1}, {17, 40, 7}}},
+          {"long_cache", {{32, 2000, 32}}},
+          {"long_bidirectional", {{7, 3001, 4000}}},
       };
       struct Heads {
         int64_t heads, kv_heads, head_dim;

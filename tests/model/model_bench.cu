@@ -24,13 +24,15 @@
 //    copy bandwidth, and as baseline the same forwards with every kernel launched eagerly.
 //
 // Usage: model_bench [--config model/configs/LLaDA2.0-mini-preview.json] [--layer-only]
-//                    [--forward-only] [--sizes 32,256,1024,4096,16384] [--no-baselines]
-//                    [--profile]
+//                    [--forward-only] [--sizes 32,256,1024,4096,16384] [--blocks 1,8,32,64]
+//                    [--no-baselines] [--profile]
 // --sizes picks the layer's token counts; --no-baselines times the fused layer alone and, by CUDA
 // graphs of its first parts, the plan build, the experts and the combine (quick comparisons);
 // --profile runs each layer once, untimed, and nothing else (for ncu: one launch per kernel);
-// --forward-only runs part 3 alone.
+// --forward-only runs part 3 alone, --blocks picks its batch sizes; part 3 brackets its timed
+// forwards with graphs by cudaProfilerStart / Stop (for nsys or ncu capture ranges).
 #include <cuda_bf16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -342,7 +344,7 @@ double MedianMs(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-void BenchForward(const std::string& config_path) {
+void BenchForward(const std::string& config_path, const std::vector<int64_t>& block_counts) {
   absl::StatusOr<ModelConfig> config = LoadModelConfig(config_path);
   Check(config.status(), "config");
   const ModelConfig& c = *config;
@@ -387,7 +389,7 @@ void BenchForward(const std::string& config_path) {
       "forward of a shape on), and the same forwards launched kernel by kernel (eager)\n");
   std::printf("%-22s %6s %7s %10s %11s %10s %7s %9s %8s %5s\n", "routing", "blocks", "tokens",
               "forward ms", "experts/l", "floor ms", "floor%", "eager ms", "speedup", "repl");
-  for (int64_t blocks : {1, 8, 32, 64}) {
+  for (int64_t blocks : block_counts) {
     for (const Mode& m : modes) {
       std::vector<KvCache> caches;
       std::vector<std::vector<int32_t>> prompt(blocks), block(blocks);
@@ -440,7 +442,9 @@ void BenchForward(const std::string& config_path) {
         }
         return MedianMs(ms);
       };
+      Check(cudaProfilerStart(), "profiler");
       const double med = time_forwards(true);
+      Check(cudaProfilerStop(), "profiler");
       const int replayed_with_graphs = replayed;
       const double eager_med = time_forwards(false);
       const double kv_bytes =
@@ -466,23 +470,24 @@ int main(int argc, char** argv) {
   }
   std::string config = "model/configs/LLaDA2.0-mini-preview.json";
   bool layer_only = false, forward_only = false, baselines = true, profile = false;
-  std::vector<int64_t> sizes = {32, 256, 1024, 4096, 16384};
+  std::vector<int64_t> sizes = {32, 256, 1024, 4096, 16384}, blocks = {1, 8, 32, 64};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
     if (std::strcmp(argv[i], "--layer-only") == 0) layer_only = true;
     if (std::strcmp(argv[i], "--forward-only") == 0) forward_only = true;
     if (std::strcmp(argv[i], "--no-baselines") == 0) baselines = false;
     if (std::strcmp(argv[i], "--profile") == 0) profile = layer_only = true;
-    if (std::strcmp(argv[i], "--sizes") == 0 && i + 1 < argc) {
-      sizes.clear();
+    for (auto [flag, list] : {std::pair{"--sizes", &sizes}, std::pair{"--blocks", &blocks}}) {
+      if (std::strcmp(argv[i], flag) != 0 || i + 1 >= argc) continue;
+      list->clear();
       for (absl::string_view part : absl::StrSplit(argv[++i], ',')) {
         int64_t n = 0;
         if (!absl::SimpleAtoi(part, &n) || n <= 0) {
-          std::fprintf(stderr, "model_bench: --sizes takes positive token counts, got '%s'\n",
+          std::fprintf(stderr, "model_bench: %s takes positive counts, got '%s'\n", flag,
                        std::string(part).c_str());
           return 2;
         }
-        sizes.push_back(n);
+        list->push_back(n);
       }
     }
   }
@@ -496,6 +501,6 @@ int main(int argc, char** argv) {
     const Ceilings ceil = profile ? Ceilings{} : MeasureCeilings(**gemm);
     BenchMoeLayer(**gemm, ceil, sizes, baselines, profile);
   }
-  if (!layer_only) BenchForward(config);
+  if (!layer_only) BenchForward(config, blocks);
   return 0;
 }
