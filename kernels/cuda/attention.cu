@@ -407,8 +407,13 @@ int64_t AttentionSplits(const AttentionArgs& a) {
   const int64_t group = a.num_heads / a.num_kv_heads;
   const int64_t blocks = CeilDiv(a.max_queries, std::max<int64_t>(1, kRows / group)) *
                          a.num_kv_heads * a.num_sequences;
-  // About two blocks per SM (the 76 KB of shared memory of head_dim 128 fits two).
-  return std::clamp<int64_t>(CeilDiv(2 * MultiprocessorCount(), blocks), 1, kMaxSplits);
+  // Split only where the blocks leave SMs idle, into about two blocks per SM (the 76 KB of shared
+  // memory of head_dim 128 fits two). From one block per SM up the ranges do not pay for the
+  // merge: LLaDA2.0-mini at 32 blocks of 32 tokens (256 blocks, 2 ranges each) took 17.7 ms a
+  // forward against 16.7 without ranges (two device calls, docs/BENCHMARKS.md).
+  const int sms = MultiprocessorCount();
+  if (blocks >= sms) return 1;
+  return std::clamp<int64_t>(CeilDiv(2 * sms, blocks), 1, kMaxSplits);
 }
 
 size_t AttentionWorkspaceBytes(const AttentionArgs& a) {
