@@ -308,11 +308,13 @@ __global__ void __launch_bounds__(kThreads)
       static_cast<int64_t>(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
   if (slot >= slots) return;
   float m = -INFINITY;
+#pragma unroll 4
   for (int s = 0; s < num_splits; ++s) {
     const float2 ml = part_ml[s * slots + slot];
     if (ml.y > 0.0f) m = fmaxf(m, ml.x);
   }
   float l = 0.0f, o[kDimsPerLane] = {};
+#pragma unroll 4
   for (int s = 0; s < num_splits; ++s) {
     const float2 ml = part_ml[s * slots + slot];
     if (ml.y == 0.0f) continue;

@@ -331,7 +331,7 @@ TEST_P(RmsNormTest, MatchesCpu) {
 INSTANTIATE_TEST_SUITE_P(Grid, RmsNormTest, ::testing::ValuesIn([] {
                            std::vector<RmsNormCase> cases;
                            for (int64_t rows : {1, 3, 257})
-                             for (int64_t dim : {128, 2048, 100, 1})
+                             for (int64_t dim : {128, 2048, 100, 1, 4096, 4100})
                                for (DType d : {DType::kF32, DType::kBF16})
                                  cases.push_back({rows, dim, d});
                            return cases;
