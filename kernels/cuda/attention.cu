@@ -260,31 +260,25 @@ __global__ void __launch_bounds__(kThreads)
     row_alpha[sm_row] = m;  // the running max (no rescale factor is read past the loop)
   }
   __syncthreads();
-  if (num_splits > 1) {
-    // This range's share: acc unnormalized, with m and l (rows with no visible key here: l = 0,
-    // which the merge skips).
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int r = warp * 8 + i;
-      const int t = r / group;
-      if (t >= tile_tokens || !lane_has_dims) continue;
-      const int64_t row = seq.first_row + first_token + t;
-      const int64_t slot = (split * num_tokens + row) * num_heads + kv * group + r % group;
-      if (lane == 0) part_ml[slot] = make_float2(row_alpha[r], row_l[r]);
-      if (row_l[r] == 0.0f) continue;
-#pragma unroll
-      for (int d = 0; d < kDimsPerLane; ++d)
-        part_acc[slot * kDim + lane * kDimsPerLane + d] = acc[i][d];
-    }
-    return;
-  }
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const int r = warp * 8 + i;
     const int t = r / group;
     if (t >= tile_tokens || !lane_has_dims) continue;
     const int64_t row = seq.first_row + first_token + t;
-    const int64_t base = (row * num_heads + kv * group + r % group) * kDim + lane * kDimsPerLane;
+    const int64_t head_row = row * num_heads + kv * group + r % group;
+    if (num_splits > 1) {
+      // This range's share: acc unnormalized, with m and l (rows with no visible key here:
+      // l = 0, which the merge skips).
+      const int64_t slot = split * num_tokens * num_heads + head_row;
+      if (lane == 0) part_ml[slot] = make_float2(row_alpha[r], row_l[r]);
+      if (row_l[r] == 0.0f) continue;
+#pragma unroll
+      for (int d = 0; d < kDimsPerLane; ++d)
+        part_acc[slot * kDim + lane * kDimsPerLane + d] = acc[i][d];
+      continue;
+    }
+    const int64_t base = head_row * kDim + lane * kDimsPerLane;
     const float inv_l = 1.0f / row_l[r];
 #pragma unroll
     for (int d = 0; d < kDimsPerLane; ++d) {

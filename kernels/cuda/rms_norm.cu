@@ -82,6 +82,22 @@ __global__ void RmsNormVec4Kernel(const float* x, int64_t dim, const W* __restri
 
 bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
+template <typename W>
+void LaunchRows(const RmsNormArgs& a, const W* weight, bool vec4, cudaStream_t stream) {
+  if (vec4) {
+    // Two pieces a thread where the row allows (a warp per 256 elements, at most 8 warps).
+    const int threads = static_cast<int>(
+        std::clamp<int64_t>(CeilDiv(a.dim / 4, 2 * kWarpSize) * kWarpSize, kWarpSize, kMaxThreads));
+    RmsNormVec4Kernel<<<a.num_rows, threads, 0, stream>>>(a.x, a.dim, weight, a.eps, a.out_f32,
+                                                          a.out_bf16);
+  } else {
+    // A warp per 128 elements, at most 8 warps: 128 threads for a head, 256 for a hidden row.
+    const int threads = static_cast<int>(std::clamp<int64_t>(CeilDiv(a.dim, 128) * 32, 32, 256));
+    RmsNormKernel<<<a.num_rows, threads, 0, stream>>>(a.x, a.dim, weight, a.eps, a.out_f32,
+                                                      a.out_bf16);
+  }
+}
+
 }  // namespace
 
 absl::Status RmsNorm(const RmsNormArgs& a, cudaStream_t stream) {
@@ -95,33 +111,12 @@ absl::Status RmsNorm(const RmsNormArgs& a, cudaStream_t stream) {
   const bool vec4 = a.dim % 4 == 0 && a.dim <= 4 * kMaxPieces * kMaxThreads && Aligned(a.x, 16) &&
                     Aligned(a.weight, a.weight_dtype == DType::kF32 ? 16 : 8) &&
                     Aligned(a.out_f32, 16) && Aligned(a.out_bf16, 8);
-  if (vec4) {
-    // Two pieces a thread where the row allows (a warp per 256 elements, at most 8 warps).
-    const int threads = static_cast<int>(
-        std::clamp<int64_t>(CeilDiv(a.dim / 4, 2 * kWarpSize) * kWarpSize, kWarpSize, kMaxThreads));
-    switch (a.weight_dtype) {
-      case DType::kF32:
-        RmsNormVec4Kernel<<<a.num_rows, threads, 0, stream>>>(
-            a.x, a.dim, static_cast<const float*>(a.weight), a.eps, a.out_f32, a.out_bf16);
-        break;
-      case DType::kBF16:
-        RmsNormVec4Kernel<<<a.num_rows, threads, 0, stream>>>(
-            a.x, a.dim, static_cast<const __nv_bfloat16*>(a.weight), a.eps, a.out_f32, a.out_bf16);
-        break;
-    }
-    CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    return absl::OkStatus();
-  }
-  // A warp per 128 elements, at most 8 warps: 128 threads for a head, 256 for a hidden row.
-  const int threads = static_cast<int>(std::clamp<int64_t>(CeilDiv(a.dim, 128) * 32, 32, 256));
   switch (a.weight_dtype) {
     case DType::kF32:
-      RmsNormKernel<<<a.num_rows, threads, 0, stream>>>(
-          a.x, a.dim, static_cast<const float*>(a.weight), a.eps, a.out_f32, a.out_bf16);
+      LaunchRows(a, static_cast<const float*>(a.weight), vec4, stream);
       break;
     case DType::kBF16:
-      RmsNormKernel<<<a.num_rows, threads, 0, stream>>>(
-          a.x, a.dim, static_cast<const __nv_bfloat16*>(a.weight), a.eps, a.out_f32, a.out_bf16);
+      LaunchRows(a, static_cast<const __nv_bfloat16*>(a.weight), vec4, stream);
       break;
   }
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
