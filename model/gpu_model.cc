@@ -162,6 +162,10 @@ struct GpuModel::Workspace {
   void* ec_workspace = nullptr;
   size_t ec_workspace_bytes = 0;
   cuda::DeviceRoutingPlan plan;
+  // Expert-choice rows alone, scopes in row order: the experts read this plan (the selection
+  // itself) and the plan build runs beside them.
+  bool plan_beside = false;
+  cuda::DeviceRoutingPlan selection_plan;
   void* plan_workspace = nullptr;
   size_t plan_workspace_bytes = 0;
   void* experts_workspace = nullptr;
@@ -227,7 +231,9 @@ absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelConfig& c,
   std::unique_ptr<GpuModel> m(new GpuModel());
   m->matrix_dtype_ = matrix_dtype;
   m->cuda_graphs_ = cuda_graphs;
-  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&m->stream_, cudaStreamNonBlocking));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&m->stream_, cudaStreamNonBlocking,
+                                                    cuda::HighestStreamPriority()));
+  ASSIGN_OR_RETURN(m->side_, cuda::SideStream::Create());
   ASSIGN_OR_RETURN(m->gemm_, cuda::Gemm::Create(m->stream_));
 
   const auto start = std::chrono::steady_clock::now();
@@ -431,6 +437,11 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
   const size_t at_renormalize = packer.Place<uint8_t>(renormalize);
   const size_t at_row_mode = packer.Place<int8_t>(scopes.row_mode);
   const size_t at_logit_rows = packer.Place<int32_t>(logit_rows);
+  const bool plan_beside = c.num_moe_layers() > 0 && scopes.token_choice_rows.empty() &&
+                           !scopes.expert_choice.empty() && cuda::ScopesInRowOrder(scope_rows);
+  const size_t at_uniform_offsets = packer.Place<int32_t>(
+      plan_beside ? cuda::UniformExpertOffsets(experts, selected_offsets.back())
+                  : std::vector<int32_t>());
   if (metadata_.bytes() < packer.bytes().size()) {
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     DropGraphs();  // they read the old buffer
@@ -504,6 +515,12 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
       ws.plan.weight = cv.Take<float>(ws.num_assignments);
       ws.plan.token_offsets = cv.Take<int32_t>(num_tokens + 1);
       ws.plan.token_assignments = cv.Take<int32_t>(ws.num_assignments);
+      ws.plan_beside = plan_beside;
+      if (plan_beside) {
+        const cuda::ExpertChoiceSelections ec{ws.scopes, ws.selected};
+        ws.selection_plan = cuda::SelectionPlan(
+            ec, num_tokens, experts, reinterpret_cast<const int32_t*>(meta + at_uniform_offsets));
+      }
       ws.plan_workspace_bytes = cuda::BuildRoutingPlanWorkspaceBytes(num_tokens, experts);
       ws.plan_workspace = cv.TakeBytes(ws.plan_workspace_bytes);
       ws.experts_workspace_bytes = cuda::MoeExpertsWorkspaceBytes(
@@ -613,8 +630,10 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
              ws.num_assignments,
              static_cast<int64_t>(reinterpret_cast<uintptr_t>(metadata_.data())),
              static_cast<int64_t>(reinterpret_cast<uintptr_t>(workspace_.data()))};
-    for (size_t at : {at_positions, at_attention, at_tc_rows, at_row_offsets, at_scope_rows,
-                      at_capacity, at_selected_offsets, at_renormalize, at_row_mode}) {
+    shape.push_back(plan_beside);
+    for (size_t at :
+         {at_positions, at_attention, at_tc_rows, at_row_offsets, at_scope_rows, at_capacity,
+          at_selected_offsets, at_renormalize, at_row_mode, at_uniform_offsets}) {
       shape.push_back(static_cast<int64_t>(at));
     }
   }
@@ -723,7 +742,7 @@ absl::StatusOr<ForwardLaunch> GpuModel::RunLayers(std::vector<int64_t> shape,
   cudaGraph_t captured = nullptr;
   cudaError_t error = cudaStreamEndCapture(stream_, &captured);
   if (queued.ok() && error == cudaSuccess) {
-    error = cudaGraphInstantiate(&graph.exec, captured, 0);
+    error = cudaGraphInstantiate(&graph.exec, captured, cuda::kGraphInstantiateFlags);
   }
   if (captured != nullptr) cudaGraphDestroy(captured);
   if (!queued.ok() || error != cudaSuccess) {
@@ -782,16 +801,23 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
     args.workspace_bytes = ws.ec_workspace_bytes;
     RETURN_IF_ERROR(cuda::ExpertChoiceSelect(args, stream_));
   }
+  // The plan build and the load counters: on this stream, or beside the experts (joined before
+  // the combine, the plan's one reader besides them).
+  cudaStream_t plan_stream = stream_;
+  if (ws.plan_beside) {
+    RETURN_IF_ERROR(side_.Fork(stream_));
+    plan_stream = side_.stream();
+  }
   cuda::BuildRoutingPlanArgs build;
   build.token_choice = ws.num_tc_rows > 0 ? &tc : nullptr;
   build.expert_choice = ws.scopes.num_scopes > 0 ? &ec : nullptr;
   build.plan = ws.plan;
   build.workspace = ws.plan_workspace;
   build.workspace_bytes = ws.plan_workspace_bytes;
-  RETURN_IF_ERROR(cuda::BuildRoutingPlan(build, stream_));
+  RETURN_IF_ERROR(cuda::BuildRoutingPlan(build, plan_stream));
   RETURN_IF_ERROR(cuda::RoutingLoadCounts({ws.plan, ws.row_mode, ws.load + l * ws.load_stride,
                                            ws.load + l * ws.load_stride + 2 * experts},
-                                          stream_));
+                                          plan_stream));
 
   // The cuBLAS path's grouped GEMMs take the per-expert counts on the host: known for
   // expert-choice-only plans (every expert takes the scopes' total capacity), copied back
@@ -818,7 +844,7 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   }
   cuda::MoeExpertsArgs experts_args;
   experts_args.x = ws.h;
-  experts_args.plan = ws.plan;
+  experts_args.plan = ws.plan_beside ? ws.selection_plan : ws.plan;
   experts_args.expert_offsets = ws.expert_offsets;
   experts_args.w13 = layer.experts_w13;
   experts_args.w2 = layer.experts_w2;
@@ -826,6 +852,7 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   experts_args.workspace = ws.experts_workspace;
   experts_args.workspace_bytes = ws.experts_workspace_bytes;
   RETURN_IF_ERROR(cuda::MoeExperts(*gemm_, experts_args));
+  if (ws.plan_beside) RETURN_IF_ERROR(side_.Join(stream_));
   RETURN_IF_ERROR(
       cuda::Combine({ws.plan, a_dtype, ws.expert_out, shared, ws.x, ws.x, hidden}, stream_));
 

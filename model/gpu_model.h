@@ -15,8 +15,11 @@
 // metadata copy and the final copies waits for the host. The cuBLAS experts path takes per-expert
 // counts on the host, so there an MoE layer with token-choice rows waits for its plan's offsets
 // (a 1 KB copy); an expert-choice-only layer does not (every expert takes the same count, known
-// on the host). Everything is queued on one stream; at the end the logits or proposals and the
-// load counters are copied back.
+// on the host). Everything is queued on one stream (created at the device's highest priority),
+// except in an expert-choice-only MoE layer whose scopes come in row order: there the routed
+// experts start on the selection itself (routing_plan.h's SelectionPlan) while the plan build
+// and the load counters run beside them on a lower-priority side stream (side_stream.h), joined
+// before the combine. At the end the logits or proposals and the load counters are copied back.
 //
 // CUDA graphs (with the fused experts, no trace): the device work from the embedding through the
 // last layer takes everything it needs from the host as kernel arguments fixed by the batch's
@@ -51,6 +54,7 @@
 #include "absl/synchronization/mutex.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/side_stream.h"
 #include "model/config.h"
 #include "model/model.h"
 #include "model/weights.h"
@@ -107,6 +111,7 @@ class GpuModel {
   absl::Mutex mu_;  // one Forward at a time: the members below are its working state
   DType matrix_dtype_ = DType::kBF16;
   cudaStream_t stream_ = nullptr;
+  cuda::SideStream side_;  // the plan build beside the experts
   std::unique_ptr<cuda::Gemm> gemm_;
   std::vector<cuda::DeviceBuffer> tensors_;  // every weight tensor's device memory
   int64_t weight_bytes_ = 0;

@@ -433,6 +433,29 @@ absl::StatusOr<RoutingPlan> DownloadRoutingPlan(const DeviceRoutingPlan& p) {
   return host;
 }
 
+DeviceRoutingPlan SelectionPlan(const ExpertChoiceSelections& ec, int64_t num_tokens,
+                                int64_t num_experts, const int32_t* expert_offsets) {
+  DeviceRoutingPlan plan;
+  plan.num_tokens = num_tokens;
+  plan.num_experts = num_experts;
+  plan.num_assignments = num_experts * ec.scopes.total_capacity;
+  // Only read through this plan (the expert GEMMs and the gather take it as input).
+  plan.expert_offsets = const_cast<int32_t*>(expert_offsets);
+  plan.token_idx = const_cast<int32_t*>(ec.selected);
+  return plan;
+}
+
+std::vector<int32_t> UniformExpertOffsets(int64_t num_experts, int64_t per_expert) {
+  std::vector<int32_t> offsets(num_experts + 1);
+  for (int64_t e = 0; e <= num_experts; ++e) offsets[e] = static_cast<int32_t>(e * per_expert);
+  return offsets;
+}
+
+bool ScopesInRowOrder(const std::vector<int32_t>& scope_rows) {
+  return std::adjacent_find(scope_rows.begin(), scope_rows.end(),
+                            [](int32_t a, int32_t b) { return a >= b; }) == scope_rows.end();
+}
+
 int64_t PlanAssignments(const TokenChoiceSelections* tc, const ExpertChoiceSelections* ec,
                         int64_t num_experts) {
   return (tc != nullptr ? tc->num_rows * tc->topk : 0) +

@@ -24,6 +24,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "kernels/cuda/device_buffer.h"
@@ -88,6 +89,22 @@ struct BuildRoutingPlanArgs {
   void* workspace = nullptr;  // BuildRoutingPlanWorkspaceBytes
   size_t workspace_bytes = 0;
 };
+
+// The CSR part (expert_offsets, token_idx) of the plan BuildRoutingPlan makes from expert-choice
+// selections alone, when their scopes come in ascending row order (every row of a scope above
+// every row of the scope before it; ScopesInRowOrder): expert e's rows are then its selection in
+// scope order, selected[e * total_capacity, (e + 1) * total_capacity), already ascending, and
+// expert_offsets[e] = e * total_capacity. The expert GEMMs read only that part (moe_gemm.h), so
+// they can start on the selection while BuildRoutingPlan writes the weights and the token-major
+// index beside them (side_stream.h). weight, token_offsets and token_assignments are null.
+// `expert_offsets`: a device copy of UniformExpertOffsets(num_experts, total_capacity).
+DeviceRoutingPlan SelectionPlan(const ExpertChoiceSelections& expert_choice, int64_t num_tokens,
+                                int64_t num_experts, const int32_t* expert_offsets);
+// [num_experts + 1]: e * per_expert.
+std::vector<int32_t> UniformExpertOffsets(int64_t num_experts, int64_t per_expert);
+// Whether the scopes' rows, concatenated in scope order (ExpertChoiceScopes::rows on the host),
+// strictly ascend.
+bool ScopesInRowOrder(const std::vector<int32_t>& scope_rows);
 
 // token_choice rows * topk + num_experts * expert_choice total capacity.
 int64_t PlanAssignments(const TokenChoiceSelections* token_choice,

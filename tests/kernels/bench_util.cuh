@@ -18,6 +18,7 @@
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/gemm.h"
 #include "kernels/cuda/routing_plan.h"
+#include "kernels/cuda/side_stream.h"
 
 namespace moeserve::cuda {
 namespace {
@@ -109,45 +110,62 @@ double TimeUs(const std::function<void(int)>& fn, int samples = 30, int warm_up 
   return us[us.size() / 2];
 }
 
-// Median microseconds per call of `fn(stream)` replayed from a CUDA graph of 10 calls: what the
-// op costs inside a captured forward, without the host's launch overhead. Captures on
+// Median microseconds per call of each `fns[i](stream)` replayed from a CUDA graph of 10 calls:
+// what the op costs inside a captured forward, without the host's launch overhead. With several
+// functions the samples alternate between their graphs (A B A B ...), so a comparison does not
+// depend on which ran first while the GPU warmed up or reached its power limit. Captures on
 // `capture_stream` when given (it must not be the legacy default stream), else on its own.
-double TimeGraphUs(const std::function<void(cudaStream_t)>& fn, int samples = 20,
-                   cudaStream_t capture_stream = nullptr) {
+std::vector<double> TimeGraphsUs(const std::vector<std::function<void(cudaStream_t)>>& fns,
+                                 int samples = 20, cudaStream_t capture_stream = nullptr) {
   constexpr int kCallsPerGraph = 10;
   cudaStream_t stream = capture_stream;
   if (capture_stream == nullptr) {
     Check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
   }
-  for (int i = 0; i < 3; ++i) fn(stream);  // warm-up, one-time attribute calls
-  Check(cudaStreamSynchronize(stream), "warm-up");
-  cudaGraph_t graph;
-  Check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
-  for (int i = 0; i < kCallsPerGraph; ++i) fn(stream);
-  Check(cudaStreamEndCapture(stream, &graph), "capture");
-  cudaGraphExec_t exec;
-  Check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  std::vector<cudaGraphExec_t> execs;
+  for (const auto& fn : fns) {
+    for (int i = 0; i < 3; ++i) fn(stream);  // warm-up, one-time attribute calls
+    Check(cudaStreamSynchronize(stream), "warm-up");
+    cudaGraph_t graph;
+    Check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "capture");
+    for (int i = 0; i < kCallsPerGraph; ++i) fn(stream);
+    Check(cudaStreamEndCapture(stream, &graph), "capture");
+    cudaGraphExec_t exec;
+    Check(cudaGraphInstantiate(&exec, graph, kGraphInstantiateFlags), "instantiate");
+    cudaGraphDestroy(graph);
+    Check(cudaGraphLaunch(exec, stream), "graph");
+    execs.push_back(exec);
+  }
   cudaEvent_t start, stop;
   Check(cudaEventCreate(&start), "event");
   Check(cudaEventCreate(&stop), "event");
-  Check(cudaGraphLaunch(exec, stream), "graph");
-  std::vector<double> us;
+  std::vector<std::vector<double>> us(fns.size());
   for (int s = 0; s < samples; ++s) {
-    Check(cudaEventRecord(start, stream), "record");
-    Check(cudaGraphLaunch(exec, stream), "graph");
-    Check(cudaEventRecord(stop, stream), "record");
-    Check(cudaEventSynchronize(stop), "sync");
-    float ms = 0;
-    Check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-    us.push_back(1000.0 * ms / kCallsPerGraph);
+    for (size_t f = 0; f < execs.size(); ++f) {
+      Check(cudaEventRecord(start, stream), "record");
+      Check(cudaGraphLaunch(execs[f], stream), "graph");
+      Check(cudaEventRecord(stop, stream), "record");
+      Check(cudaEventSynchronize(stop), "sync");
+      float ms = 0;
+      Check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
+      us[f].push_back(1000.0 * ms / kCallsPerGraph);
+    }
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
+  for (cudaGraphExec_t exec : execs) cudaGraphExecDestroy(exec);
   if (capture_stream == nullptr) cudaStreamDestroy(stream);
-  std::sort(us.begin(), us.end());
-  return us[us.size() / 2];
+  std::vector<double> medians;
+  for (std::vector<double>& u : us) {
+    std::sort(u.begin(), u.end());
+    medians.push_back(u[u.size() / 2]);
+  }
+  return medians;
+}
+
+double TimeGraphUs(const std::function<void(cudaStream_t)>& fn, int samples = 20,
+                   cudaStream_t capture_stream = nullptr) {
+  return TimeGraphsUs({fn}, samples, capture_stream)[0];
 }
 
 // What BuildRoutingPlan needs for n tokens and `assignments` plan entries: the plan's storage, its

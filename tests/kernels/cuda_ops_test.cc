@@ -913,6 +913,10 @@ ModelConfig MiniRoutingConfig(int64_t num_experts = 256) {
 struct GpuRouting {
   cuda::DeviceRoutingPlanStorage storage;
   RoutingPlan plan;
+  // Expert-choice rows alone, scopes in row order (cuda::ScopesInRowOrder): then the selection and
+  // the uniform offsets of cuda::SelectionPlan.
+  bool selection_is_plan = false;
+  std::vector<int32_t> selected, uniform_offsets;
 };
 
 void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
@@ -962,6 +966,18 @@ void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
   ASSERT_OK(cuda::ExpertChoiceSelect(ec_args, nullptr));
   cuda::ExpertChoiceSelections ec{d_scopes.view, d_selected.get(), d_renormalize.get(),
                                   d_logits.get(), static_cast<float>(config.routed_scaling_factor)};
+  std::vector<int32_t> scope_rows;
+  for (const ExpertChoiceScope& scope : formed.expert_choice)
+    scope_rows.insert(scope_rows.end(), scope.rows.begin(), scope.rows.end());
+  out->selection_is_plan = num_tc == 0 && !scopes.empty() && cuda::ScopesInRowOrder(scope_rows);
+  if (out->selection_is_plan) {
+    const cuda::DeviceRoutingPlan csr = cuda::SelectionPlan(ec, num_tokens, experts, nullptr);
+    absl::StatusOr<std::vector<int32_t>> selected =
+        cuda::Download(csr.token_idx, csr.num_assignments);
+    ASSERT_TRUE(selected.ok()) << selected.status();
+    out->selected = std::move(*selected);
+    out->uniform_offsets = cuda::UniformExpertOffsets(experts, d_scopes.view.total_capacity);
+  }
 
   const int64_t assignments = cuda::PlanAssignments(&tc, &ec, experts);
   absl::StatusOr<cuda::DeviceRoutingPlanStorage> storage =
@@ -988,6 +1004,9 @@ struct PlanCase {
   bool ties;
   // Other than the mini's 256: the plan's row pass loads logits 256 experts at a time.
   int64_t experts = 256;
+  // Expert-choice rows alone with their scopes in row order: the plan's CSR part is then the
+  // selection itself (cuda::SelectionPlan, what the model's experts start on).
+  bool selection_is_plan = false;
 };
 void PrintTo(const PlanCase& c, std::ostream* os) { *os << c.name; }
 class RoutingPlanTest : public ::testing::TestWithParam<PlanCase> {};
@@ -1013,6 +1032,11 @@ TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
   EXPECT_EQ(got.plan.expert_offsets, want.plan.expert_offsets);
   EXPECT_EQ(got.plan.token_idx, want.plan.token_idx);
   EXPECT_TRUE(Close(got.plan.weight, want.plan.weight, kRouterWeightRtol, 0.0, "weights"));
+  ASSERT_EQ(got.selection_is_plan, c.selection_is_plan);
+  if (got.selection_is_plan) {
+    EXPECT_EQ(got.selected, want.plan.token_idx);
+    EXPECT_EQ(got.uniform_offsets, want.plan.expert_offsets);
+  }
   // The token-major index the combine walks: per token its assignments, in ascending expert
   // order (assignments are expert-major, so ascending assignment order).
   {
@@ -1041,6 +1065,16 @@ TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
   EXPECT_EQ(again.plan.weight, got.plan.weight);
 }
 
+// Host-side: what lets a forward start its experts on the selection.
+TEST(SelectionPlanTest, ScopesInRowOrderMeansStrictlyAscendingRows) {
+  EXPECT_TRUE(cuda::ScopesInRowOrder({}));
+  EXPECT_TRUE(cuda::ScopesInRowOrder({4}));
+  EXPECT_TRUE(cuda::ScopesInRowOrder({0, 1, 2, 7, 9}));
+  EXPECT_FALSE(cuda::ScopesInRowOrder({0, 1, 1}));
+  EXPECT_FALSE(cuda::ScopesInRowOrder({0, 5, 6, 2, 3}));
+  EXPECT_EQ(cuda::UniformExpertOffsets(3, 5), (std::vector<int32_t>{0, 5, 10, 15}));
+}
+
 RoutingOptions Tc() { return {}; }
 RoutingOptions Ec(double cf, RoutingScope scope, ExpertChoiceWeighting w) {
   return {RoutingMode::kExpertChoice, cf, scope, w};
@@ -1057,9 +1091,23 @@ INSTANTIATE_TEST_SUITE_P(
           Ec(0.5, RoutingScope::kBatch, ExpertChoiceWeighting::kRaw);
       std::vector<PlanCase> cases;
       cases.push_back({"one_token_tc", {1}, {Tc()}, false});
-      cases.push_back({"one_token_ec", {1}, {ec_req}, false});
+      cases.push_back({"one_token_ec", {1}, {ec_req}, false, 256, true});
       cases.push_back({"all_tc", {37, 32, 100}, {Tc(), Tc(), Tc()}, false});
-      cases.push_back({"all_ec_request", {32, 70, 5}, {ec_req, ec_raw, ec_req}, false});
+      cases.push_back({"all_ec_request", {32, 70, 5}, {ec_req, ec_raw, ec_req}, false, 256, true});
+      cases.push_back({"all_ec_request_then_batch",
+                       {32, 70, 50, 20},
+                       {ec_req, ec_raw, ec_batch, ec_batch},
+                       true,
+                       256,
+                       true});
+      // A batch scope of rows on both sides of a request's: the scopes are not in row order, and
+      // the plan is built before the experts.
+      cases.push_back({"all_ec_interleaved_scopes",
+                       {20, 32, 50},
+                       {ec_batch, ec_req, ec_batch},
+                       false,
+                       256,
+                       false});
       cases.push_back({"mixed",
                        {37, 70, 50, 20, 1, 33},
                        {Tc(), ec_req, ec_batch, ec_batch_raw, Tc(), ec_batch},

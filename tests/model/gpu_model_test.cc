@@ -6,6 +6,7 @@
 // Every test skips itself without a GPU.
 #include <cmath>
 #include <cstdio>
+#include <functional>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -170,11 +171,34 @@ void ExpectSameRoutingStats(const ForwardOutput& gpu, const ForwardOutput& cpu) 
   }
 }
 
-TEST(GpuForwardTest, MixedModesMatchTheCpu) {
-  SKIP_WITHOUT_GPU();
+// Batches of expert-choice chunks alone: with scopes in row order (requests, then a batch scope
+// after them) the GPU forward starts the experts on the selection and builds the plan beside
+// them; with a batch scope on both sides of a request it builds the plan first.
+std::vector<Chunk> ExpertChoiceChunks(int vocab, bool scopes_in_row_order) {
+  RoutingOptions ec;
+  ec.mode = RoutingMode::kExpertChoice;
+  RoutingOptions ec_raw = ec;
+  ec_raw.capacity_factor = 0.5;
+  ec_raw.weighting = ExpertChoiceWeighting::kRaw;
+  RoutingOptions ec_batch = ec;
+  ec_batch.scope = RoutingScope::kBatch;
+  if (scopes_in_row_order) {
+    return {{Ids(16, 2, vocab), Ids(8, 3, vocab), ec, true},
+            {Ids(5, 4, vocab), Ids(11, 5, vocab), ec_raw, false},
+            {{}, Ids(13, 6, vocab), ec_batch, true},
+            {Ids(9, 7, vocab), Ids(8, 8, vocab), ec_batch, false}};
+  }
+  return {{{}, Ids(13, 6, vocab), ec_batch, true},
+          {Ids(16, 2, vocab), Ids(8, 3, vocab), ec, false},
+          {Ids(9, 7, vocab), Ids(8, 8, vocab), ec_batch, true}};
+}
+
+// The chunks' forward on the GPU against the CPU's, in F32 and BF16.
+void ExpectForwardMatchesTheCpu(const char* what,
+                                const std::function<std::vector<Chunk>(int vocab)>& make) {
   std::unique_ptr<Model> cpu = LoadTiny(Device::kCpu, DType::kF32);
   ASSERT_NE(cpu, nullptr);
-  const std::vector<Chunk> chunks = MixedChunks(static_cast<int>(cpu->config().vocab_size));
+  const std::vector<Chunk> chunks = make(static_cast<int>(cpu->config().vocab_size));
   auto want = RunChunks(*cpu, chunks, 8);
   ASSERT_TRUE(want.ok()) << want.status();
   for (DType dtype : {DType::kF32, DType::kBF16}) {
@@ -187,10 +211,8 @@ TEST(GpuForwardTest, MixedModesMatchTheCpu) {
     ASSERT_EQ(got->greedy.size(), want->greedy.size());
     for (size_t r = 0; r < got->greedy.size(); ++r)
       same += got->greedy[r].token == want->greedy[r].token;
-    std::printf(
-        "  gpu %s vs cpu, mixed modes: logits norm-rel error %.3e, %d of %zu greedy tokens "
-        "equal\n",
-        DTypeName(dtype), err, same, got->greedy.size());
+    std::printf("  gpu %s vs cpu, %s: logits norm-rel error %.3e, %d of %zu greedy tokens equal\n",
+                DTypeName(dtype), what, err, same, got->greedy.size());
     if (dtype == DType::kF32) {
       // Float32 throughout: the same function as the CPU, and the same routing decisions (taken
       // on float32 router logits).
@@ -213,6 +235,19 @@ TEST(GpuForwardTest, MixedModesMatchTheCpu) {
       EXPECT_EQ(ec.MaxOverMean(), 1.0);
     }
   }
+}
+
+TEST(GpuForwardTest, MixedModesMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  ExpectForwardMatchesTheCpu("mixed modes", MixedChunks);
+}
+
+TEST(GpuForwardTest, ExpertChoiceOnlyBatchesMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  ExpectForwardMatchesTheCpu("expert-choice, scopes in row order",
+                             [](int vocab) { return ExpertChoiceChunks(vocab, true); });
+  ExpectForwardMatchesTheCpu("expert-choice, interleaved scopes",
+                             [](int vocab) { return ExpertChoiceChunks(vocab, false); });
 }
 
 TEST(GpuForwardTest, ARequestsOutputDoesNotDependOnItsBatch) {
@@ -372,8 +407,9 @@ bool SameLogitsAndProposals(const ForwardOutput& a, const ForwardOutput& b) {
 
 // A denoising-like sequence of forwards: prefills, steps of one batch over fixed caches (new ids
 // and fewer logit rows each step), a step that commits the blocks (one cache then grows past its
-// first device allocation), steps over the longer prefixes, a smaller batch, then a prefill that
-// grows the workspace (dropping every graph) and the smaller batch again.
+// first device allocation), steps over the longer prefixes, a smaller batch, a batch of
+// expert-choice sequences alone, then a prefill that grows the workspace (dropping every graph)
+// and the smaller batch again.
 std::vector<ForwardOutput> DenoisingForwards(const Model& model) {
   const int vocab = static_cast<int>(model.config().vocab_size);
   constexpr int kBlock = 32;
@@ -401,25 +437,30 @@ std::vector<ForwardOutput> DenoisingForwards(const Model& model) {
     in[0].routing = modes[s];
     forward(std::move(in));
   }
-  auto step = [&](int num_seqs, int k, bool commit) {
-    std::vector<std::vector<int32_t>> block(num_seqs);
-    std::vector<SequenceInput> in(num_seqs);
-    for (int s = 0; s < num_seqs; ++s) {
-      block[s] = Ids(kBlock, 7 * k + s, vocab);
-      in[s].token_ids = block[s];
-      in[s].cache = &caches[s];
-      in[s].block_length = kBlock;
-      in[s].commit_tokens = commit ? kBlock : 0;
-      for (int r = k % kBlock; r < kBlock; ++r) in[s].logit_rows.push_back(r);
-      in[s].routing = modes[s];
-      in[s].greedy = s != 2;
+  // One step of the sequences `seqs` (indices into caches and modes).
+  auto step = [&](std::vector<int> seqs, int k, bool commit) {
+    const size_t n = seqs.size();
+    std::vector<std::vector<int32_t>> block(n);
+    std::vector<SequenceInput> in(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int s = seqs[i];
+      block[i] = Ids(kBlock, 7 * k + s, vocab);
+      in[i].token_ids = block[i];
+      in[i].cache = &caches[s];
+      in[i].block_length = kBlock;
+      in[i].commit_tokens = commit ? kBlock : 0;
+      for (int r = k % kBlock; r < kBlock; ++r) in[i].logit_rows.push_back(r);
+      in[i].routing = modes[s];
+      in[i].greedy = s != 2;
     }
     forward(std::move(in));
   };
-  for (int k = 0; k < 4; ++k) step(3, k, false);
-  step(3, 4, true);
-  for (int k = 5; k < 8; ++k) step(3, k, false);
-  for (int k = 8; k < 11; ++k) step(2, k, false);
+  for (int k = 0; k < 4; ++k) step({0, 1, 2}, k, false);
+  step({0, 1, 2}, 4, true);
+  for (int k = 5; k < 8; ++k) step({0, 1, 2}, k, false);
+  for (int k = 8; k < 11; ++k) step({0, 1}, k, false);
+  // Expert-choice alone (a request scope, then a batch scope): the plan build beside the experts.
+  for (int k = 14; k < 17; ++k) step({1, 2}, k, false);
   KvCache big(model.config());
   const std::vector<int32_t> long_ids = Ids(600, 9, vocab);
   std::vector<SequenceInput> in(1);
@@ -427,7 +468,7 @@ std::vector<ForwardOutput> DenoisingForwards(const Model& model) {
   in[0].cache = &big;
   in[0].commit_tokens = 600;
   forward(std::move(in));
-  for (int k = 11; k < 14; ++k) step(2, k, false);
+  for (int k = 11; k < 14; ++k) step({0, 1}, k, false);
   return outs;
 }
 
@@ -452,12 +493,12 @@ TEST(GpuGraphTest, ReplayedForwardsMatchEagerOnesBitForBit) {
     ++launches[static_cast<int>(graphed[f].launch)];
   }
   // Shapes: three prefills (once each), the 3-sequence step (8 forwards: eager, captured, 6
-  // replays), the 2-sequence step (3: eager, captured, replay), the long prefill (its workspace
-  // growth drops both graphs), the 2-sequence step again (eager, captured, replay). A failed
-  // capture would run eagerly.
-  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kEager)], 3 + 1 + 1 + 1 + 1);
-  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kCaptured)], 3);
-  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kReplayed)], 6 + 1 + 1);
+  // replays), the 2-sequence step (3: eager, captured, replay), the expert-choice 2-sequence step
+  // (3: eager, captured, replay), the long prefill (its workspace growth drops the graphs), the
+  // first 2-sequence step again (eager, captured, replay). A failed capture would run eagerly.
+  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kEager)], 3 + 1 + 1 + 1 + 1 + 1);
+  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kCaptured)], 4);
+  EXPECT_EQ(launches[static_cast<int>(ForwardLaunch::kReplayed)], 6 + 1 + 1 + 1);
 }
 
 // The decoder's steps repeat batch shapes, so most of its forwards replay graphs; the tokens are

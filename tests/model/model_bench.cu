@@ -4,6 +4,9 @@
 // 1. The routed experts of one MoE layer (hidden 2048, expert width 512, 256 experts, top-8,
 //    BF16 random weights) at N = 32 ... 16384 tokens, from routing given to layer output: device
 //    plan build, the routed experts (MoeExperts), weighted combine (no shared expert, no router).
+//    Expert-choice runs as the model does: the experts start on the selection and the plan build
+//    runs beside them on a side stream (routing_plan.h's SelectionPlan); "plan 1st" is the same
+//    layer with the plan built first, its samples alternating with the other's.
 //    Routings: token-choice with uniform and Zipf-skewed (skew 1.0) router logits, expert-choice
 //    with capacity factor 1.0 and 1.25 over one scope of N tokens. The fused path (moe_gemm.h,
 //    no host round trip) is timed as a CUDA graph of 10 layers, median of 20 replays. Beside it,
@@ -39,6 +42,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -52,6 +56,7 @@
 #include "kernels/cuda/moe_experts.h"
 #include "kernels/cuda/moe_gemm.h"
 #include "kernels/cuda/routing_plan.h"
+#include "kernels/cuda/side_stream.h"
 #include "kernels/cuda/swiglu.h"
 #include "kernels/cuda/token_choice.h"
 #include "model/checkpoint.h"
@@ -173,9 +178,9 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
       "sustained at the power limit, %.0f TFLOP/s, instead\n",
       ceil.copy_bytes_per_s / 1e12, ceil.bf16_flop_per_s / 1e12,
       ceil.bf16_sustained_flop_per_s / 1e12);
-  std::printf("%-24s %6s %8s %10s %9s %9s %7s %7s %11s %10s %7s %8s\n", "routing", "N", "experts",
-              "time us", "TB/s", "TFLOP/s", "floor%", "sust%", "unfused us", "base us", "base%",
-              "speedup");
+  std::printf("%-24s %6s %8s %10s %9s %9s %7s %7s %11s %10s %7s %8s %9s\n", "routing", "N",
+              "experts", "time us", "TB/s", "TFLOP/s", "floor%", "sust%", "unfused us", "base us",
+              "base%", "speedup", "plan 1st");
   struct Mode {
     const char* name;
     bool token_choice;
@@ -186,8 +191,13 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
                         {"expert_choice cf 1.0", false, 0.0, 1.0},
                         {"expert_choice cf 1.25", false, 0.0, 1.25}};
   const bool fused = MoeExpertsFused(DType::kBF16, kExperts, kHidden, kWidth);
+  // The model's stream priority (side_stream.h): the plan build beside the experts runs on a
+  // lower one.
   cudaStream_t graph_stream;
-  Check(cudaStreamCreateWithFlags(&graph_stream, cudaStreamNonBlocking), "stream");
+  Check(cudaStreamCreateWithPriority(&graph_stream, cudaStreamNonBlocking, HighestStreamPriority()),
+        "stream");
+  absl::StatusOr<SideStream> side = SideStream::Create();
+  Check(side.status(), "side stream");
   absl::StatusOr<std::unique_ptr<Gemm>> graph_gemm = Gemm::Create(graph_stream);
   Check(graph_gemm.status(), "gemm");
   std::printf("routed experts: %s\n", fused ? "fused plan-reading kernels (moe_gemm.h), timed "
@@ -222,14 +232,30 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
                       stream),
               "combine");
       };
-      // parts: 1 the plan build, 2 also the experts, 3 the whole layer.
-      auto layer = [&](Gemm& g, cudaStream_t stream, MoeExpertsPath path, int parts = 3) {
-        Check(BuildRoutingPlan(r.plan.args, stream), "plan");
+      // Expert-choice over one scope: the experts can start on the selection, with the plan
+      // build beside them (routing_plan.h's SelectionPlan), as the model runs it.
+      DeviceBuffer uniform_offsets;
+      DeviceRoutingPlan selection_plan;
+      if (!r.token_choice) {
+        uniform_offsets = Upload(UniformExpertOffsets(kExperts, r.ec.scopes.total_capacity));
+        selection_plan = SelectionPlan(r.ec, n, kExperts, uniform_offsets.as<int32_t>());
+      }
+      // parts: 1 the plan build, 2 also the experts, 3 the whole layer. beside: the plan build
+      // on the side stream, beside the experts (expert-choice, whole layer only).
+      auto layer = [&](Gemm& g, cudaStream_t stream, MoeExpertsPath path, int parts = 3,
+                       bool beside = false) {
+        beside = beside && !r.token_choice && parts == 3;
+        if (beside) {
+          Check(side->Fork(stream), "fork");
+          Check(BuildRoutingPlan(r.plan.args, side->stream()), "plan");
+        } else {
+          Check(BuildRoutingPlan(r.plan.args, stream), "plan");
+        }
         if (parts == 1) return;
         if (path == MoeExpertsPath::kCublas) get_offsets(stream);
         MoeExpertsArgs args;
         args.x = x.data();
-        args.plan = plan;
+        args.plan = beside ? selection_plan : plan;
         if (path == MoeExpertsPath::kCublas) args.expert_offsets = offsets;
         args.w13 = w.w13_view;
         args.w2 = w.w2_view;
@@ -238,6 +264,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
         args.workspace_bytes = ws.bytes();
         args.path = path;
         Check(MoeExperts(g, args), "experts");
+        if (beside) Check(side->Join(stream), "join");
         if (parts == 3) combine(stream);
       };
       if (profile) {
@@ -248,11 +275,23 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
       }
       // The fused path has no host round trip: it is timed as a CUDA graph, like the issue's
       // reference numbers. The cuBLAS path copies counts back, so it is event-timed.
-      const double us =
-          fused
-              ? TimeGraphUs([&](cudaStream_t s) { layer(**graph_gemm, s, MoeExpertsPath::kAuto); },
-                            20, graph_stream)
-              : TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kAuto); });
+      // Expert-choice also times the layer with the plan built before the experts, its samples
+      // alternating with the other's (plan_first_us).
+      double us = 0, plan_first_us = 0;
+      if (fused) {
+        auto graph_layer = [&](bool beside) {
+          return [&, beside](cudaStream_t s) {
+            layer(**graph_gemm, s, MoeExpertsPath::kAuto, 3, beside);
+          };
+        };
+        std::vector<std::function<void(cudaStream_t)>> fns = {graph_layer(true)};
+        if (!r.token_choice) fns.push_back(graph_layer(false));
+        const std::vector<double> t = TimeGraphsUs(fns, 20, graph_stream);
+        us = t[0];
+        plan_first_us = t.back();
+      } else {
+        us = plan_first_us = TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kAuto); });
+      }
       if (!baselines) {
         std::printf("%-24s %6lld %8lld %10.1f", m.name, static_cast<long long>(n),
                     static_cast<long long>(r.touched_experts), us);
@@ -267,7 +306,8 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
           };
           const double plan_us = graph_of(1), experts_us = graph_of(2) - plan_us;
           std::printf("   plan %.1f, experts %.1f, combine %.1f", plan_us, experts_us,
-                      us - plan_us - experts_us);
+                      plan_first_us - plan_us - experts_us);
+          if (!r.token_choice) std::printf(" (plan first: %.1f)", plan_first_us);
         }
         std::printf("\n");
         continue;
@@ -324,10 +364,15 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
       const double floor_us = floor_at(ceil.bf16_flop_per_s);
       const double sustained_floor_us = floor_at(ceil.bf16_sustained_flop_per_s);
       std::printf(
-          "%-24s %6lld %8lld %10.1f %9.3f %9.1f %6.1f%% %6.1f%% %11.1f %10.1f %6.1f%% %7.2fx\n",
+          "%-24s %6lld %8lld %10.1f %9.3f %9.1f %6.1f%% %6.1f%% %11.1f %10.1f %6.1f%% %7.2fx",
           m.name, static_cast<long long>(n), static_cast<long long>(r.touched_experts), us,
           bytes / us / 1e6, flop / us / 1e6, 100.0 * floor_us / us, 100.0 * sustained_floor_us / us,
           unfused_us, base_us, 100.0 * floor_us / base_us, base_us / us);
+      if (r.token_choice) {
+        std::printf("\n");
+      } else {
+        std::printf(" %9.1f\n", plan_first_us);
+      }
     }
   }
   graph_gemm->reset();
