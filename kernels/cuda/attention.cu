@@ -290,7 +290,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One warp per (row, head): the split ranges rescaled to their common max, summed in range
-// order, divided by the summed l.
+// order, divided by the summed l. Every range's (m, l) and then every range's partial output are
+// loaded before any is used (loops unrolled over kMaxSplits, loads predicated), so a warp waits
+// for memory twice, not once per range: a one-block forward's 20 merges took 162 us (ncu) with
+// the loads of 4 ranges in flight.
 template <int kDim>
 __global__ void __launch_bounds__(kThreads)
     MergeSplitsKernel(const float* __restrict__ part_acc, const float2* __restrict__ part_ml,
@@ -301,25 +304,41 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t slot =
       static_cast<int64_t>(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
   if (slot >= slots) return;
+  float2 ml[kMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    ml[s] = s < num_splits ? part_ml[s * slots + slot] : make_float2(-INFINITY, 0.0f);
+  }
   float m = -INFINITY;
-#pragma unroll 4
-  for (int s = 0; s < num_splits; ++s) {
-    const float2 ml = part_ml[s * slots + slot];
-    if (ml.y > 0.0f) m = fmaxf(m, ml.x);
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    if (ml[s].y > 0.0f) m = fmaxf(m, ml[s].x);
+  }
+  const bool active = lane * kDimsPerLane < kDim;
+  float a[kMaxSplits][kDimsPerLane] = {};
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    const float* src = part_acc + (s * slots + slot) * kDim + lane * kDimsPerLane;
+    if (active && ml[s].y != 0.0f) {
+      if constexpr (kDimsPerLane == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        a[s][0] = v.x, a[s][1] = v.y, a[s][2] = v.z, a[s][3] = v.w;
+      } else {
+#pragma unroll
+        for (int d = 0; d < kDimsPerLane; ++d) a[s][d] = src[d];
+      }
+    }
   }
   float l = 0.0f, o[kDimsPerLane] = {};
-#pragma unroll 4
-  for (int s = 0; s < num_splits; ++s) {
-    const float2 ml = part_ml[s * slots + slot];
-    if (ml.y == 0.0f) continue;
-    const float w = expf(ml.x - m);
-    l += ml.y * w;
-    if (lane * kDimsPerLane >= kDim) continue;
-    const float* a = part_acc + (s * slots + slot) * kDim + lane * kDimsPerLane;
 #pragma unroll
-    for (int d = 0; d < kDimsPerLane; ++d) o[d] += w * a[d];
+  for (int s = 0; s < kMaxSplits; ++s) {
+    if (ml[s].y == 0.0f) continue;  // also every s >= num_splits
+    const float w = expf(ml[s].x - m);
+    l += ml[s].y * w;
+#pragma unroll
+    for (int d = 0; d < kDimsPerLane; ++d) o[d] += w * a[s][d];
   }
-  if (lane * kDimsPerLane >= kDim) return;
+  if (!active) return;
   const float inv_l = 1.0f / l;
 #pragma unroll
   for (int d = 0; d < kDimsPerLane; ++d) {

@@ -398,7 +398,9 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(RopeCase{1, 16, 128, 64, true, 8192}, RopeCase{37, 16, 128, 64, true, 8192},
                       RopeCase{37, 4, 128, 64, false, 8192}, RopeCase{64, 4, 128, 64, true, 32768},
                       RopeCase{9, 3, 64, 64, true, 100}, RopeCase{9, 3, 64, 16, false, 100},
-                      RopeCase{5, 2, 96, 0, true, 10}, RopeCase{5, 20, 128, 128, false, 4096}));
+                      RopeCase{5, 2, 96, 0, true, 10}, RopeCase{5, 20, 128, 128, false, 4096},
+                      // A token's last block of 4 heads holds 2.
+                      RopeCase{7, 6, 64, 32, true, 500}));
 
 // ---------------------------------------------------------------------------------------------
 // SwiGLU
@@ -449,19 +451,24 @@ struct ArgmaxCase {
   int64_t rows, vocab;
   int32_t excluded;
   bool ties;
+  // Elements between rows; 0: vocab. Past vocab a row holds 100.0, which must be ignored. Rows
+  // of a stride that is not a multiple of 4 are not 16-byte aligned (the kernel's scalar path).
+  int64_t stride = 0;
 };
 void PrintTo(const ArgmaxCase& c, std::ostream* os) {
   *os << "rows=" << c.rows << " vocab=" << c.vocab << " excluded=" << c.excluded
-      << (c.ties ? " ties" : "");
+      << (c.ties ? " ties" : "") << " stride=" << c.stride;
 }
 class ArgmaxTest : public ::testing::TestWithParam<ArgmaxCase> {};
 
 TEST_P(ArgmaxTest, MatchesPropose) {
   SKIP_WITHOUT_GPU();
   const ArgmaxCase c = GetParam();
-  std::vector<float> logits = RandomFloats(c.rows * c.vocab, 51, -10.0f, 10.0f);
+  const int64_t stride = c.stride > 0 ? c.stride : c.vocab;
+  std::vector<float> logits = RandomFloats(c.rows * stride, 51, -10.0f, 10.0f);
   for (int64_t r = 0; r < c.rows; ++r) {
-    float* row = logits.data() + r * c.vocab;
+    float* row = logits.data() + r * stride;
+    for (int64_t i = c.vocab; i < stride; ++i) row[i] = 100.0f;
     if (c.ties) {
       for (int64_t i = 0; i < c.vocab; ++i) row[i] = std::round(row[i]);
       row[c.vocab - 1] = row[c.vocab / 2] = 12.0f;  // two maxima: the lower id wins
@@ -472,11 +479,12 @@ TEST_P(ArgmaxTest, MatchesPropose) {
   DeviceArray<float> d_logits(logits), d_prob(c.rows);
   DeviceArray<int32_t> d_token(c.rows);
   ASSERT_OK(cuda::ArgmaxWithProb(
-      {d_logits.get(), c.rows, c.vocab, c.excluded, d_token.get(), d_prob.get()}, nullptr));
+      {d_logits.get(), c.rows, c.vocab, c.excluded, d_token.get(), d_prob.get(), c.stride},
+      nullptr));
   const std::vector<int32_t> token = d_token.ToHost();
   const std::vector<float> prob = d_prob.ToHost();
   for (int64_t r = 0; r < c.rows; ++r) {
-    const std::span<const float> row(logits.data() + r * c.vocab, c.vocab);
+    const std::span<const float> row(logits.data() + r * stride, c.vocab);
     const Proposal want = Propose(row, SamplingOptions{}, c.excluded, nullptr);
     EXPECT_EQ(token[r], want.token) << "row " << r;
     EXPECT_NEAR(prob[r], want.p, kProbVsCpuRtol * want.p) << "row " << r;
@@ -489,12 +497,14 @@ TEST_P(ArgmaxTest, MatchesPropose) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Grid, ArgmaxTest,
-                         ::testing::Values(ArgmaxCase{1, 157184, 156895, false},
-                                           ArgmaxCase{7, 157184, 156895, true},
-                                           ArgmaxCase{3, 1000, -1, false},
-                                           ArgmaxCase{4, 1000, 0, true}, ArgmaxCase{2, 2, 1, false},
-                                           ArgmaxCase{2, 1, -1, false}));
+INSTANTIATE_TEST_SUITE_P(
+    Grid, ArgmaxTest,
+    ::testing::Values(ArgmaxCase{1, 157184, 156895, false}, ArgmaxCase{7, 157184, 156895, true},
+                      ArgmaxCase{3, 1000, -1, false}, ArgmaxCase{4, 1000, 0, true},
+                      ArgmaxCase{2, 2, 1, false}, ArgmaxCase{2, 1, -1, false},
+                      // 16 logits a thread: a partial last round, a tail
+                      ArgmaxCase{32, 157184, 156895, false}, ArgmaxCase{3, 8195, 8194, true},
+                      ArgmaxCase{3, 8195, 8194, false, 8200}, ArgmaxCase{3, 1000, 5, true, 1001}));
 
 // ---------------------------------------------------------------------------------------------
 // GEMM
