@@ -436,12 +436,14 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
   const size_t at_selected_offsets = packer.Place<int32_t>(selected_offsets);
   const size_t at_renormalize = packer.Place<uint8_t>(renormalize);
   const size_t at_row_mode = packer.Place<int8_t>(scopes.row_mode);
-  const size_t at_logit_rows = packer.Place<int32_t>(logit_rows);
   const bool plan_beside = c.num_moe_layers() > 0 && scopes.token_choice_rows.empty() &&
                            !scopes.expert_choice.empty() && cuda::ScopesInRowOrder(scope_rows);
   const size_t at_uniform_offsets = packer.Place<int32_t>(
       plan_beside ? cuda::UniformExpertOffsets(experts, selected_offsets.back())
                   : std::vector<int32_t>());
+  // Last: the logit rows change every denoising step and only the eager tail reads them, so no
+  // graph's key holds their size (the offsets before them must not move with it).
+  const size_t at_logit_rows = packer.Place<int32_t>(logit_rows);
   if (metadata_.bytes() < packer.bytes().size()) {
     CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_));
     DropGraphs();  // they read the old buffer
