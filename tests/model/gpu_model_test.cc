@@ -133,14 +133,24 @@ std::vector<int32_t> Ids(int n, int salt, int vocab) {
   return ids;
 }
 
+// The expert-choice options of the chunk sets below: request scope renormalized, request scope
+// raw at capacity factor 0.5, batch scope.
+struct EcOptions {
+  RoutingOptions ec, ec_raw, ec_batch;
+};
+EcOptions MakeEcOptions() {
+  EcOptions o;
+  o.ec.mode = RoutingMode::kExpertChoice;
+  o.ec_raw = o.ec;
+  o.ec_raw.capacity_factor = 0.5;
+  o.ec_raw.weighting = ExpertChoiceWeighting::kRaw;
+  o.ec_batch = o.ec;
+  o.ec_batch.scope = RoutingScope::kBatch;
+  return o;
+}
+
 std::vector<Chunk> MixedChunks(int vocab) {
-  RoutingOptions ec;
-  ec.mode = RoutingMode::kExpertChoice;
-  RoutingOptions ec_raw = ec;
-  ec_raw.capacity_factor = 0.5;
-  ec_raw.weighting = ExpertChoiceWeighting::kRaw;
-  RoutingOptions ec_batch = ec;
-  ec_batch.scope = RoutingScope::kBatch;
+  const auto [ec, ec_raw, ec_batch] = MakeEcOptions();
   return {
       {{}, Ids(19, 1, vocab), {}, false},               // token-choice prefill-like chunk
       {Ids(16, 2, vocab), Ids(8, 3, vocab), ec, true},  // expert-choice block over a cache
@@ -175,13 +185,7 @@ void ExpectSameRoutingStats(const ForwardOutput& gpu, const ForwardOutput& cpu) 
 // after them) the GPU forward starts the experts on the selection and builds the plan beside
 // them; with a batch scope on both sides of a request it builds the plan first.
 std::vector<Chunk> ExpertChoiceChunks(int vocab, bool scopes_in_row_order) {
-  RoutingOptions ec;
-  ec.mode = RoutingMode::kExpertChoice;
-  RoutingOptions ec_raw = ec;
-  ec_raw.capacity_factor = 0.5;
-  ec_raw.weighting = ExpertChoiceWeighting::kRaw;
-  RoutingOptions ec_batch = ec;
-  ec_batch.scope = RoutingScope::kBatch;
+  const auto [ec, ec_raw, ec_batch] = MakeEcOptions();
   if (scopes_in_row_order) {
     return {{Ids(16, 2, vocab), Ids(8, 3, vocab), ec, true},
             {Ids(5, 4, vocab), Ids(11, 5, vocab), ec_raw, false},
