@@ -137,7 +137,7 @@ absl::Status ArgmaxWithProb(const ArgmaxArgs& a, cudaStream_t stream) {
     return absl::InvalidArgumentError("argmax: row_stride is smaller than vocab_size");
   }
   if (a.num_rows == 0) return absl::OkStatus();
-  const bool vector = stride % 4 == 0 && reinterpret_cast<uintptr_t>(a.logits) % 16 == 0;
+  const bool vector = stride % 4 == 0 && IsAligned(a.logits, 16);
   auto* kernel = vector ? ArgmaxKernel<true> : ArgmaxKernel<false>;
   kernel<<<a.num_rows, kThreads, 0, stream>>>(a.logits, stride, a.vocab_size, a.excluded_token,
                                               a.token, a.prob);

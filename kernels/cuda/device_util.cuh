@@ -13,6 +13,11 @@ inline constexpr unsigned kFullMask = 0xffffffffu;
 
 __host__ __device__ constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether p is a multiple of `bytes` (for vector loads and stores; null is aligned).
+__host__ __device__ inline bool IsAligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 // Element loads and stores in float32, for the two element types the kernels read.
 __device__ __forceinline__ float ToFloat(float x) { return x; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 x) { return __bfloat162float(x); }

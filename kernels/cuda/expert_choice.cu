@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kRadixThreads, 1024 / kRadixThreads)
   };
   int scalar_from = 0;
   const float* contiguous = p.column + p.begin;
-  if (p.rows == nullptr && reinterpret_cast<uintptr_t>(contiguous) % 16 == 0) {
+  if (p.rows == nullptr && IsAligned(contiguous, 16)) {
     // A contiguous column: 16-byte loads, several in flight per thread.
     const int vectors = p.size / 4;
 #pragma unroll 8

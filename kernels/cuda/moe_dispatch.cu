@@ -79,7 +79,7 @@ void LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
   const bool aligned = [&] {
     for (const void* p : {a.expert_out, static_cast<const void*>(a.shared_out),
                           static_cast<const void*>(a.residual), static_cast<const void*>(a.out)}) {
-      if (reinterpret_cast<uintptr_t>(p) % 32 != 0) return false;
+      if (!IsAligned(p, 32)) return false;
     }
     return true;
   }();

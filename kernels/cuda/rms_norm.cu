@@ -80,8 +80,6 @@ __global__ void RmsNormVec4Kernel(const float* x, int64_t dim, const W* __restri
   }
 }
 
-bool Aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 template <typename W>
 void LaunchRows(const RmsNormArgs& a, const W* weight, bool vec4, cudaStream_t stream) {
   if (vec4) {
@@ -108,9 +106,9 @@ absl::Status RmsNorm(const RmsNormArgs& a, cudaStream_t stream) {
     return absl::InvalidArgumentError("rms_norm: neither out_f32 nor out_bf16 is set");
   }
   if (a.num_rows == 0) return absl::OkStatus();
-  const bool vec4 = a.dim % 4 == 0 && a.dim <= 4 * kMaxPieces * kMaxThreads && Aligned(a.x, 16) &&
-                    Aligned(a.weight, a.weight_dtype == DType::kF32 ? 16 : 8) &&
-                    Aligned(a.out_f32, 16) && Aligned(a.out_bf16, 8);
+  const bool vec4 = a.dim % 4 == 0 && a.dim <= 4 * kMaxPieces * kMaxThreads && IsAligned(a.x, 16) &&
+                    IsAligned(a.weight, a.weight_dtype == DType::kF32 ? 16 : 8) &&
+                    IsAligned(a.out_f32, 16) && IsAligned(a.out_bf16, 8);
   switch (a.weight_dtype) {
     case DType::kF32:
       LaunchRows(a, static_cast<const float*>(a.weight), vec4, stream);

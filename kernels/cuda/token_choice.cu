@@ -359,8 +359,7 @@ bool GroupPerLaneFits(const cpu::TokenChoiceParams& tp, const TokenChoiceArgs& a
   const int64_t lane_experts = tp.num_experts / kLanesPerToken;
   return tp.num_experts % kLanesPerToken == 0 && (lane_experts == 16 || lane_experts == 32) &&
          (tp.n_group == kLanesPerToken || tp.topk_group >= tp.n_group) && tp.topk >= 1 &&
-         tp.topk <= kLaneTopk && reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(a.expert_bias) % 16 == 0;  // null is aligned
+         tp.topk <= kLaneTopk && IsAligned(a.logits, 16) && IsAligned(a.expert_bias, 16);
 }
 
 absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& tp, const TokenChoiceArgs& a,
@@ -393,10 +392,8 @@ absl::Status TokenChoiceRoute(const cpu::TokenChoiceParams& tp, const TokenChoic
   const int lanes = per_group / per_lane;
   const bool fast = per_group % per_lane == 0 && lanes >= 1 && (lanes & (lanes - 1)) == 0 &&
                     tp.num_experts == kWarpSize * per_lane;
-  const bool vector_loads =
-      per_lane % 4 == 0 && tp.num_experts == kWarpSize * per_lane &&
-      reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(a.expert_bias) % 16 == 0;  // null is aligned
+  const bool vector_loads = per_lane % 4 == 0 && tp.num_experts == kWarpSize * per_lane &&
+                            IsAligned(a.logits, 16) && IsAligned(a.expert_bias, 16);
   const Params p{static_cast<int>(tp.num_experts),
                  static_cast<int>(tp.topk),
                  static_cast<int>(tp.n_group),
