@@ -44,12 +44,18 @@ __device__ __forceinline__ RowState ShuffleXor(const RowState& s, int offset) {
           __shfl_xor_sync(kFullMask, s.max, offset), __shfl_xor_sync(kFullMask, s.sum, offset)};
 }
 
-// Folds logit l of id i into s (ids arrive in ascending order within a thread).
-__device__ __forceinline__ void Fold(RowState& s, float l, int64_t i, int32_t excluded) {
+// Takes logit l of id i as the best if it beats it (ids arrive in ascending order within a
+// thread, so the first maximum stays).
+__device__ __forceinline__ void FoldBest(RowState& s, float l, int64_t i, int32_t excluded) {
   if (i != excluded && (l > s.best || s.best_id == INT32_MAX)) {
     s.best = l;
     s.best_id = static_cast<int32_t>(i);
   }
+}
+
+// Folds logit l of id i into s: the best, and the softmax state.
+__device__ __forceinline__ void Fold(RowState& s, float l, int64_t i, int32_t excluded) {
+  FoldBest(s, l, i, excluded);
   if (l > s.max) {
     s.sum = (s.max == -INFINITY ? 0.0f : s.sum * expf(s.max - l)) + 1.0f;
     s.max = l;
@@ -88,10 +94,7 @@ __global__ void ArgmaxKernel(const float* __restrict__ logits, int64_t row_strid
         const float l[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          if (loaded && id + c != excluded && (l[c] > s.best || s.best_id == INT32_MAX)) {
-            s.best = l[c];
-            s.best_id = static_cast<int32_t>(id + c);
-          }
+          if (loaded) FoldBest(s, l[c], id + c, excluded);
           m = fmaxf(m, l[c]);
         }
       }
