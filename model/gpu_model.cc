@@ -163,7 +163,7 @@ struct GpuModel::Workspace {
   size_t ec_workspace_bytes = 0;
   cuda::DeviceRoutingPlan plan;
   // Expert-choice rows alone, scopes in row order: the experts read this plan (the selection
-  // itself) and the plan build runs beside them.
+  // itself) and all of the plan build runs beside them (else only the row pass does).
   bool plan_beside = false;
   cuda::DeviceRoutingPlan selection_plan;
   void* plan_workspace = nullptr;
@@ -803,23 +803,22 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
     args.workspace_bytes = ws.ec_workspace_bytes;
     RETURN_IF_ERROR(cuda::ExpertChoiceSelect(args, stream_));
   }
-  // The plan build and the load counters: on this stream, or beside the experts (joined before
-  // the combine, the plan's one reader besides them).
-  cudaStream_t plan_stream = stream_;
-  if (ws.plan_beside) {
-    RETURN_IF_ERROR(side_.Fork(stream_));
-    plan_stream = side_.stream();
-  }
+  // The plan: its CSR part (what the experts read) on this stream, then the row pass and the load
+  // counters beside the experts, on the side stream, joined before the combine (the plan's other
+  // reader). When the selection is the CSR part (SelectionPlan), all of the build goes beside.
   cuda::BuildRoutingPlanArgs build;
   build.token_choice = ws.num_tc_rows > 0 ? &tc : nullptr;
   build.expert_choice = ws.scopes.num_scopes > 0 ? &ec : nullptr;
   build.plan = ws.plan;
   build.workspace = ws.plan_workspace;
   build.workspace_bytes = ws.plan_workspace_bytes;
-  RETURN_IF_ERROR(cuda::BuildRoutingPlan(build, plan_stream));
+  if (!ws.plan_beside) RETURN_IF_ERROR(cuda::BuildRoutingPlanCsr(build, stream_));
+  RETURN_IF_ERROR(side_.Fork(stream_));
+  if (ws.plan_beside) RETURN_IF_ERROR(cuda::BuildRoutingPlanCsr(build, side_.stream()));
+  RETURN_IF_ERROR(cuda::FinishRoutingPlan(build, side_.stream()));
   RETURN_IF_ERROR(cuda::RoutingLoadCounts({ws.plan, ws.row_mode, ws.load + l * ws.load_stride,
                                            ws.load + l * ws.load_stride + 2 * experts},
-                                          plan_stream));
+                                          side_.stream()));
 
   // The cuBLAS path's grouped GEMMs take the per-expert counts on the host: known for
   // expert-choice-only plans (every expert takes the scopes' total capacity), copied back
@@ -854,7 +853,7 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   experts_args.workspace = ws.experts_workspace;
   experts_args.workspace_bytes = ws.experts_workspace_bytes;
   RETURN_IF_ERROR(cuda::MoeExperts(*gemm_, experts_args));
-  if (ws.plan_beside) RETURN_IF_ERROR(side_.Join(stream_));
+  RETURN_IF_ERROR(side_.Join(stream_));
   RETURN_IF_ERROR(
       cuda::Combine({ws.plan, a_dtype, ws.expert_out, shared, ws.x, ws.x, hidden}, stream_));
 

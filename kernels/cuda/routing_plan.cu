@@ -1,4 +1,5 @@
-// Device routing plan: marking, per-expert prefix sums, per-token passes. See routing_plan.h.
+// Device routing plan: marking, the expert pass (the CSR part), the row pass (the rest). See
+// routing_plan.h.
 #include <algorithm>
 #include <climits>
 #include <vector>
@@ -38,15 +39,15 @@ class Carver {
   size_t used_ = 0;
 };
 
-// The arrays up to `ticket` come first: one memset clears them.
+// The arrays up to `tickets` come first: one memset clears them.
 struct Workspace {
-  uint32_t* bitmap;        // [num_experts, words]: bit t of expert e set iff (t, e) is selected
-  int32_t* row_info;       // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
-  uint64_t* word_status;   // [words]: the row pass's published token counts (PublishWord)
-  uint32_t* ticket;        // the row pass's next word
-  size_t cleared_bytes;    // bitmap through ticket
-  int32_t* word_prefix;    // [num_experts, words]: set bits of the expert's earlier words
-  int32_t* expert_counts;  // [num_experts]
+  uint32_t* bitmap;       // [num_experts, words]: bit t of expert e set iff (t, e) is selected
+  int32_t* row_info;      // [num_tokens]: 0 unrouted, -(i + 1) token-choice entry i, s + 1 scope s
+  uint64_t* word_status;  // [words]: the row pass's published token counts (PublishCount)
+  uint64_t* expert_status;  // [num_experts]: the expert pass's published expert counts
+  uint32_t* tickets;        // [2]: the expert pass's next expert, the row pass's next word
+  size_t cleared_bytes;     // bitmap through tickets
+  int32_t* word_prefix;     // [num_experts, words]: set bits of the expert's earlier words
 };
 
 Workspace CarveWorkspace(void* base, int64_t num_tokens, int64_t num_experts, size_t* used) {
@@ -56,10 +57,10 @@ Workspace CarveWorkspace(void* base, int64_t num_tokens, int64_t num_experts, si
   w.bitmap = c.Take<uint32_t>(num_experts * words);
   w.row_info = c.Take<int32_t>(num_tokens);
   w.word_status = c.Take<uint64_t>(words);
-  w.ticket = c.Take<uint32_t>(1);
+  w.expert_status = c.Take<uint64_t>(num_experts);
+  w.tickets = c.Take<uint32_t>(2);
   w.cleared_bytes = c.used();
   w.word_prefix = c.Take<int32_t>(num_experts * words);
-  w.expert_counts = c.Take<int32_t>(num_experts);
   *used = c.used();
   return w;
 }
@@ -105,56 +106,38 @@ __global__ void MarkExpertChoiceKernel(const int32_t* __restrict__ selected, int
   }
 }
 
-// One block per expert: word_prefix of its bitmap row, and its count.
-__global__ void ExpertPrefixKernel(const uint32_t* __restrict__ bitmap, int64_t words,
-                                   int32_t* __restrict__ word_prefix,
-                                   int32_t* __restrict__ expert_counts) {
-  __shared__ int scratch[kWarpSize];
-  const int64_t e = blockIdx.x;
-  int carry = 0;
-  for (int64_t base = 0; base < words; base += blockDim.x) {
-    const int64_t w = base + threadIdx.x;
-    const int count = w < words ? __popc(bitmap[e * words + w]) : 0;
-    int total;
-    const int before = BlockExclusiveScan(count, scratch, &total);
-    if (w < words) word_prefix[e * words + w] = carry + before;
-    carry += total;
-  }
-  if (threadIdx.x == 0) expert_counts[e] = carry;
-}
-
-// A word's entry in word_status: its rows' assignment count in the low 32 bits, and in the high
-// ones kAggregate (that count alone) or kInclusive (the count of every row up to the word's last).
-// 0: not yet published.
+// A block's entry in a status array (the row pass's over words, the expert pass's over experts):
+// its count in the low 32 bits, and in the high ones kAggregate (that count alone) or kInclusive
+// (the sum of the counts up to and including it). 0: not yet published.
 constexpr uint64_t kAggregate = 1, kInclusive = 2;
-__device__ __forceinline__ void PublishWord(uint64_t* status, uint64_t flag, uint32_t count) {
+__device__ __forceinline__ void PublishCount(uint64_t* status, uint64_t flag, uint32_t count) {
   asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(status), "l"(flag << 32 | count)
                : "memory");
 }
-__device__ __forceinline__ uint64_t ReadWord(const uint64_t* status) {
+__device__ __forceinline__ uint64_t ReadCount(const uint64_t* status) {
   uint64_t v;
   asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(status) : "memory");
   return v;
 }
 
-// Warp 0: the count of all rows before word `word`, from the words before it (decoupled
-// look-back): the 32 words below a window end are read at once, each lane waiting until its word
-// has published; the nearest inclusive count ends the walk, else the 32 aggregates are added and
-// the window moves down. Words are taken in ticket order, so every word below is held by a block
-// that runs and publishes without waiting for this one.
-__device__ __forceinline__ uint32_t CountBefore(const uint64_t* word_status, int64_t word) {
+// Warp 0: the sum of the counts before entry `i`, from the entries before it (decoupled
+// look-back): the 32 entries below a window end are read at once, each lane waiting until its
+// entry has published; the nearest inclusive count ends the walk, else the 32 aggregates are
+// added and the window moves down. Entries are taken in ticket order, so every entry below is held
+// by a block that runs and publishes without waiting for this one.
+__device__ __forceinline__ uint32_t CountBefore(const uint64_t* status, int64_t i) {
   const int lane = threadIdx.x % kWarpSize;
   uint32_t before = 0;
-  for (int64_t end = word - 1; end >= 0; end -= kWarpSize) {
+  for (int64_t end = i - 1; end >= 0; end -= kWarpSize) {
     const int64_t w = end - lane;
-    uint64_t v = uint64_t{kInclusive} << 32;  // below word 0: an inclusive count of 0
+    uint64_t v = uint64_t{kInclusive} << 32;  // below entry 0: an inclusive count of 0
     if (w >= 0) {
       do {
-        v = ReadWord(&word_status[w]);
+        v = ReadCount(&status[w]);
       } while ((v >> 32) == 0);
     }
     const unsigned inclusive = __ballot_sync(kFullMask, (v >> 32) == kInclusive);
-    // Lane j holds word end - j: with an inclusive count at the lowest such lane, only the lanes
+    // Lane j holds entry end - j: with an inclusive count at the lowest such lane, only the lanes
     // up to it count.
     const int stop = inclusive != 0 ? __ffs(inclusive) - 1 : kWarpSize - 1;
     uint32_t c = lane <= stop ? static_cast<uint32_t>(v) : 0u;
@@ -165,13 +148,69 @@ __device__ __forceinline__ uint32_t CountBefore(const uint64_t* word_status, int
   return before;
 }
 
+// Warp 0 of the block holding entry i (taken in ticket order) with `count`: publishes it, looks
+// back, publishes the inclusive sum, and returns the sum before it.
+__device__ __forceinline__ uint32_t ScanByLookBack(uint64_t* status, int64_t i, uint32_t count) {
+  const int lane = threadIdx.x % kWarpSize;
+  if (lane == 0) PublishCount(&status[i], i == 0 ? kInclusive : kAggregate, count);
+  const uint32_t before = i == 0 ? 0u : CountBefore(status, i);
+  if (lane == 0 && i > 0) PublishCount(&status[i], kInclusive, before + count);
+  return before;
+}
+
+// One block per expert, the experts taken in ticket order: word_prefix of its bitmap row and its
+// count, its offset from the experts before it (ScanByLookBack), then its CSR entries: each set
+// bit's token at offset + word prefix + rank inside the word. So the plan's CSR part is complete
+// after this kernel, without the row pass.
+__global__ void ExpertPassKernel(const uint32_t* __restrict__ bitmap, int64_t words,
+                                 int num_experts, int32_t* __restrict__ word_prefix,
+                                 uint64_t* __restrict__ expert_status,
+                                 uint32_t* __restrict__ ticket,
+                                 int32_t* __restrict__ expert_offsets,
+                                 int32_t* __restrict__ token_idx) {
+  __shared__ int scratch[kWarpSize];
+  __shared__ uint32_t expert_shared;
+  __shared__ int32_t offset_shared;
+  if (threadIdx.x == 0) expert_shared = atomicAdd(ticket, 1u);
+  __syncthreads();
+  const int64_t e = expert_shared;
+  const uint32_t* row_bits = bitmap + e * words;
+  int32_t* row_prefix = word_prefix + e * words;
+  int carry = 0;
+  for (int64_t base = 0; base < words; base += blockDim.x) {
+    const int64_t w = base + threadIdx.x;
+    const int count = w < words ? __popc(row_bits[w]) : 0;
+    int total;
+    const int before = BlockExclusiveScan(count, scratch, &total);
+    if (w < words) row_prefix[w] = carry + before;
+    carry += total;
+  }
+  if (threadIdx.x < kWarpSize) {
+    const int32_t offset =
+        static_cast<int32_t>(ScanByLookBack(expert_status, e, static_cast<uint32_t>(carry)));
+    if (threadIdx.x == 0) {
+      expert_offsets[e] = offset;
+      if (e == num_experts - 1) expert_offsets[num_experts] = offset + carry;
+      offset_shared = offset;
+    }
+  }
+  __syncthreads();
+  const int32_t offset = offset_shared;
+  // Each thread reads back the words it scanned.
+  for (int64_t w = threadIdx.x; w < words; w += blockDim.x) {
+    int32_t a = offset + row_prefix[w];
+    for (uint32_t bits = row_bits[w]; bits != 0; bits &= bits - 1) {
+      token_idx[a++] = static_cast<int32_t>(w * kWarpSize + __ffs(bits) - 1);
+    }
+  }
+}
+
 struct RowPassParams {
   int64_t num_tokens;
   int num_experts;
   int64_t words;
   const uint32_t* bitmap;
   const int32_t* word_prefix;
-  const int32_t* expert_counts;
   const int32_t* row_info;
   uint64_t* word_status;
   uint32_t* ticket;
@@ -183,52 +222,37 @@ struct RowPassParams {
   const float* logits;
   const uint8_t* renormalize;
   float scale;
-  // The plan.
-  int32_t* expert_offsets;
+  // The plan: its CSR part (from the expert pass), then what this pass writes.
+  const int32_t* expert_offsets;
   int32_t* token_offsets;
-  int32_t* token_idx;
   float* weight;
   int32_t* token_assignments;
 };
 
 // One block per 32 tokens (one bitmap word), the words taken in ticket order:
 //   1. the block stages that word of every expert's bitmap in shared memory, and every expert's
-//      first assignment for these tokens: its offset (the experts' counts scanned here, by every
-//      block; the first block writes expert_offsets) plus the word's prefix in its bitmap row;
+//      first assignment for these tokens: its offset plus the word's prefix in its bitmap row;
 //   2. each warp takes every (blockDim.x / 32)-th row and counts its assignments (token-choice:
 //      topk; expert-choice: its selected experts);
-//   3. warp 0 scans the 32 counts, publishes the word's aggregate, finds the count before the word
-//      (CountBefore), publishes the inclusive count, and writes the rows' token_offsets;
+//   3. warp 0 scans the 32 counts, finds the count before the word (ScanByLookBack) and writes
+//      the rows' token_offsets;
 //   4. the warps walk their rows' experts in ascending order, 32 at a time, sum expert-choice
-//      denominators in that order and write the plan.
-// So the plan needs no separate scan of either count.
+//      denominators in that order and write the weights and the token-major index.
+// So the tokens' counts need no separate scan.
 __global__ void RowPassKernel(RowPassParams p) {
   extern __shared__ uint32_t staged[];  // bits [num_experts], then base [num_experts]
   uint32_t* word_bits = staged;
   int32_t* base = reinterpret_cast<int32_t*>(staged + p.num_experts);
-  __shared__ int scratch[kWarpSize];
   __shared__ int32_t row_count[kWarpSize], row_first[kWarpSize];
   __shared__ uint32_t word_shared;
   if (threadIdx.x == 0) word_shared = atomicAdd(p.ticket, 1u);
   __syncthreads();
   const int64_t word = word_shared;
-  int carry = 0;
-  for (int e0 = 0; e0 < p.num_experts; e0 += blockDim.x) {
-    const int e = e0 + static_cast<int>(threadIdx.x);
-    const int count = e < p.num_experts ? p.expert_counts[e] : 0;
-    int total;
-    const int offset = carry + BlockExclusiveScan(count, scratch, &total);
-    if (e < p.num_experts) {
-      word_bits[e] = p.bitmap[e * p.words + word];
-      base[e] = offset + p.word_prefix[e * p.words + word];
-      if (word == 0) p.expert_offsets[e] = offset;
-    }
-    carry += total;
+  for (int e = threadIdx.x; e < p.num_experts; e += blockDim.x) {
+    word_bits[e] = p.bitmap[e * p.words + word];
+    base[e] = p.expert_offsets[e] + p.word_prefix[e * p.words + word];
   }
-  if (word == 0 && threadIdx.x == 0) {
-    p.expert_offsets[p.num_experts] = carry;
-    p.token_offsets[0] = 0;
-  }
+  if (word == 0 && threadIdx.x == 0) p.token_offsets[0] = 0;
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   const unsigned lanes_below = (1u << lane) - 1u;
@@ -260,11 +284,7 @@ __global__ void RowPassKernel(RowPassParams p) {
       if (lane >= o) inclusive += v;
     }
     const uint32_t word_total = __shfl_sync(kFullMask, inclusive, kWarpSize - 1);
-    if (lane == 0) {
-      PublishWord(&p.word_status[word], word == 0 ? kInclusive : kAggregate, word_total);
-    }
-    const uint32_t before = word == 0 ? 0u : CountBefore(p.word_status, word);
-    if (lane == 0 && word > 0) PublishWord(&p.word_status[word], kInclusive, before + word_total);
+    const uint32_t before = ScanByLookBack(p.word_status, word, word_total);
     row_first[lane] = static_cast<int32_t>(before) + inclusive - count;
     const int64_t row = word * kWarpSize + lane;
     if (row < p.num_tokens) p.token_offsets[row + 1] = static_cast<int32_t>(before) + inclusive;
@@ -285,7 +305,6 @@ __global__ void RowPassKernel(RowPassParams p) {
       for (int j = 0; j < p.topk; ++j) rank += __shfl_sync(kFullMask, e, j) < e;
       if (lane < p.topk) {
         const int32_t a = base[e] + __popc(word_bits[e] & ((1u << t) - 1u));
-        p.token_idx[a] = static_cast<int32_t>(row);
         p.weight[a] = p.topk_weight[i * p.topk + lane];
         p.token_assignments[first + rank] = a;
       }
@@ -342,7 +361,6 @@ __global__ void RowPassKernel(RowPassParams p) {
           const float s = RouterSigmoid(logit_e);
           w = renormalize ? __fmul_rn(__fdiv_rn(s, denom), p.scale) : __fmul_rn(s, p.scale);
         }
-        p.token_idx[a] = static_cast<int32_t>(row);
         p.weight[a] = w;
         p.token_assignments[first + count + __popc(ballot & lanes_below)] = a;
       }
@@ -468,13 +486,15 @@ size_t BuildRoutingPlanWorkspaceBytes(int64_t num_tokens, int64_t num_experts) {
   return used;
 }
 
-absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream) {
+namespace {
+
+absl::Status CheckPlanArgs(const BuildRoutingPlanArgs& a) {
   const DeviceRoutingPlan& plan = a.plan;
   const int64_t num_tokens = plan.num_tokens, num_experts = plan.num_experts;
   if (num_tokens < 0 || num_tokens > INT32_MAX || num_experts < 1 ||
       num_experts > kMaxPlanExperts) {
     return absl::InvalidArgumentError(
-        "routing plan: num_tokens must be in [0, 2^31), num_experts in [1, 4096] (the token pass "
+        "routing plan: num_tokens must be in [0, 2^31), num_experts in [1, 4096] (the row pass "
         "stages one bitmap word per expert in shared memory)");
   }
   const int64_t want = PlanAssignments(a.token_choice, a.expert_choice, num_experts);
@@ -490,63 +510,97 @@ absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream
   if (a.token_choice != nullptr && (a.token_choice->topk < 1 || a.token_choice->num_rows < 0)) {
     return absl::InvalidArgumentError("routing plan: token-choice topk must be >= 1");
   }
+  return absl::OkStatus();
+}
+
+bool HasTokenChoice(const BuildRoutingPlanArgs& a) {
+  return a.token_choice != nullptr && a.token_choice->num_rows > 0;
+}
+bool HasExpertChoice(const BuildRoutingPlanArgs& a) {
+  return a.expert_choice != nullptr && a.expert_choice->scopes.num_scopes > 0 &&
+         a.expert_choice->scopes.total_capacity > 0;
+}
+
+}  // namespace
+
+absl::Status BuildRoutingPlanCsr(const BuildRoutingPlanArgs& a, cudaStream_t stream) {
+  RETURN_IF_ERROR(CheckPlanArgs(a));
+  const DeviceRoutingPlan& plan = a.plan;
+  const int64_t num_tokens = plan.num_tokens, num_experts = plan.num_experts;
   size_t used = 0;
   const Workspace ws = CarveWorkspace(a.workspace, num_tokens, num_experts, &used);
   const int64_t words = CeilDiv(num_tokens, kWarpSize);
+  if (num_tokens == 0) {  // no rows: the offsets are all zero
+    CUDA_RETURN_IF_ERROR(
+        cudaMemsetAsync(plan.expert_offsets, 0, (num_experts + 1) * sizeof(int32_t), stream));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(plan.token_offsets, 0, sizeof(int32_t), stream));
+    return absl::OkStatus();
+  }
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(ws.bitmap, 0, ws.cleared_bytes, stream));
+  if (HasTokenChoice(a)) {
+    const TokenChoiceSelections& tc = *a.token_choice;
+    const int64_t count = tc.num_rows * tc.topk;
+    MarkTokenChoiceKernel<<<CeilDiv(count, kThreads), kThreads, 0, stream>>>(
+        tc.rows, tc.num_rows, static_cast<int>(tc.topk), tc.topk_idx, words, ws.bitmap,
+        ws.row_info);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  if (HasExpertChoice(a)) {
+    const ExpertChoiceSelections& ec = *a.expert_choice;
+    // Threads for every selection and every row of the scopes (at most num_tokens of them).
+    const int64_t count = num_experts * ec.scopes.total_capacity;
+    MarkExpertChoiceKernel<<<CeilDiv(std::max(count, num_tokens), kThreads), kThreads, 0, stream>>>(
+        ec.selected, ec.scopes.total_capacity, count, words, ws.bitmap, ec.scopes.row_offsets,
+        ec.scopes.rows, ec.scopes.num_scopes, ws.row_info);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  }
+  ExpertPassKernel<<<num_experts, kThreads, 0, stream>>>(
+      ws.bitmap, words, static_cast<int>(num_experts), ws.word_prefix, ws.expert_status,
+      &ws.tickets[0], plan.expert_offsets, plan.token_idx);
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
 
+absl::Status FinishRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream) {
+  RETURN_IF_ERROR(CheckPlanArgs(a));
+  const DeviceRoutingPlan& plan = a.plan;
+  const int64_t num_tokens = plan.num_tokens, num_experts = plan.num_experts;
+  if (num_tokens == 0) return absl::OkStatus();  // BuildRoutingPlanCsr wrote token_offsets[0]
+  size_t used = 0;
+  const Workspace ws = CarveWorkspace(a.workspace, num_tokens, num_experts, &used);
+  const int64_t words = CeilDiv(num_tokens, kWarpSize);
   RowPassParams p{};
   p.num_tokens = num_tokens;
   p.num_experts = static_cast<int>(num_experts);
   p.words = words;
   p.bitmap = ws.bitmap;
   p.word_prefix = ws.word_prefix;
-  p.expert_counts = ws.expert_counts;
   p.row_info = ws.row_info;
   p.word_status = ws.word_status;
-  p.ticket = ws.ticket;
+  p.ticket = &ws.tickets[1];
   p.expert_offsets = plan.expert_offsets;
   p.token_offsets = plan.token_offsets;
-  p.token_idx = plan.token_idx;
   p.weight = plan.weight;
   p.token_assignments = plan.token_assignments;
-
-  if (const TokenChoiceSelections* tc = a.token_choice; tc != nullptr && tc->num_rows > 0) {
-    const int64_t count = tc->num_rows * tc->topk;
-    MarkTokenChoiceKernel<<<CeilDiv(count, kThreads), kThreads, 0, stream>>>(
-        tc->rows, tc->num_rows, static_cast<int>(tc->topk), tc->topk_idx, words, ws.bitmap,
-        ws.row_info);
-    CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    p.topk = static_cast<int>(tc->topk);
-    p.topk_idx = tc->topk_idx;
-    p.topk_weight = tc->topk_weight;
+  if (HasTokenChoice(a)) {
+    p.topk = static_cast<int>(a.token_choice->topk);
+    p.topk_idx = a.token_choice->topk_idx;
+    p.topk_weight = a.token_choice->topk_weight;
   }
-  if (const ExpertChoiceSelections* ec = a.expert_choice;
-      ec != nullptr && ec->scopes.num_scopes > 0 && ec->scopes.total_capacity > 0) {
-    // Threads for every selection and every row of the scopes (at most num_tokens of them).
-    const int64_t count = num_experts * ec->scopes.total_capacity;
-    MarkExpertChoiceKernel<<<CeilDiv(std::max(count, num_tokens), kThreads), kThreads, 0, stream>>>(
-        ec->selected, ec->scopes.total_capacity, count, words, ws.bitmap, ec->scopes.row_offsets,
-        ec->scopes.rows, ec->scopes.num_scopes, ws.row_info);
-    CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    p.logits = ec->logits;
-    p.renormalize = ec->renormalize;
-    p.scale = ec->routed_scaling_factor;
+  if (HasExpertChoice(a)) {
+    p.logits = a.expert_choice->logits;
+    p.renormalize = a.expert_choice->renormalize;
+    p.scale = a.expert_choice->routed_scaling_factor;
   }
-
-  if (num_tokens == 0) {  // no row-pass block: the offsets are all zero
-    CUDA_RETURN_IF_ERROR(
-        cudaMemsetAsync(plan.expert_offsets, 0, (num_experts + 1) * sizeof(int32_t), stream));
-    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(plan.token_offsets, 0, sizeof(int32_t), stream));
-    return absl::OkStatus();
-  }
-  ExpertPrefixKernel<<<num_experts, kThreads, 0, stream>>>(ws.bitmap, words, ws.word_prefix,
-                                                           ws.expert_counts);
-  CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const size_t staged_bytes = 2 * num_experts * sizeof(uint32_t);
   RowPassKernel<<<words, RowPassThreads(words, staged_bytes), staged_bytes, stream>>>(p);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
+}
+
+absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& a, cudaStream_t stream) {
+  RETURN_IF_ERROR(BuildRoutingPlanCsr(a, stream));
+  return FinishRoutingPlan(a, stream);
 }
 
 }  // namespace moeserve::cuda

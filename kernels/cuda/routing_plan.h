@@ -5,12 +5,16 @@
 //
 // Building needs no sort and no ordering between atomics, so the plan is deterministic: every
 // selection sets bit `token` in its expert's bitmap (num_experts x num_tokens bits); per-expert
-// popcount prefix sums give each (token, expert) its place, rank by token inside the expert.
-// A warp per token (32 tokens share a block and their bitmap words) then walks its experts in
-// ascending order, which is also the order in which expert-choice renormalization sums a token's
-// scores, as model/routing.cc does on the CPU. That pass also scans both counts (each block the
-// experts', and the tokens' by decoupled look-back over the blocks before it), so a build is one
-// memset and four kernels (three for one router).
+// popcount prefix sums give each (token, expert) its place, rank by token inside the expert. A
+// block per expert (the expert pass) scans its bitmap row, finds its offset from the experts
+// before it by decoupled look-back, and writes its CSR entries, so the CSR part (what the expert
+// GEMMs read) is complete after a memset, the marks and that one pass. A warp per token (32
+// tokens share a block and their bitmap words; the row pass) then walks its experts in ascending
+// order, which is also the order in which expert-choice renormalization sums a token's scores, as
+// model/routing.cc does on the CPU, and writes the weights and the token-major index; it scans
+// the tokens' counts the same way. A build is one memset and four kernels (three for one
+// router); BuildRoutingPlanCsr and FinishRoutingPlan split it after the expert pass, so that the
+// experts can start while the row pass runs beside them (side_stream.h).
 // Weights: token-choice ones are taken as the router wrote them; expert-choice ones are
 // s / (sum of the token's selected s) * routed_scaling_factor (renormalized scopes) or
 // s * routed_scaling_factor (raw), s = RouterSigmoid(logit), with the CPU's operation order.
@@ -110,6 +114,12 @@ bool ScopesInRowOrder(const std::vector<int32_t>& scope_rows);
 int64_t PlanAssignments(const TokenChoiceSelections* token_choice,
                         const ExpertChoiceSelections* expert_choice, int64_t num_experts);
 size_t BuildRoutingPlanWorkspaceBytes(int64_t num_tokens, int64_t num_experts);
+// The whole plan: BuildRoutingPlanCsr, then FinishRoutingPlan, on one stream.
 absl::Status BuildRoutingPlan(const BuildRoutingPlanArgs& args, cudaStream_t stream);
+// The plan's CSR part (expert_offsets, token_idx): the memset, the marks and the expert pass.
+absl::Status BuildRoutingPlanCsr(const BuildRoutingPlanArgs& args, cudaStream_t stream);
+// The rest (weight, token_offsets, token_assignments) by the row pass, from what
+// BuildRoutingPlanCsr of the same args left in the workspace: `stream` must be ordered after it.
+absl::Status FinishRoutingPlan(const BuildRoutingPlanArgs& args, cudaStream_t stream);
 
 }  // namespace moeserve::cuda

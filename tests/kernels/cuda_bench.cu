@@ -199,6 +199,12 @@ void BenchTokenChoice(const Ceilings& ceil) {
         TimeGraphUs([&](cudaStream_t stream) { Check(BuildRoutingPlan(build, stream), "plan"); });
     Row("  same, replayed from a CUDA graph", plan_graph_us, Tbps(plan_bytes, plan_graph_us),
         plan_bytes / plan_graph_us * 1e6 / ceil.copy_bytes_per_s, "copy bandwidth");
+    // What the experts wait for (the row pass runs beside them).
+    const double csr_graph_us = TimeGraphUs(
+        [&](cudaStream_t stream) { Check(BuildRoutingPlanCsr(build, stream), "plan"); });
+    const double csr_bytes = 8.0 * n * kTopk * 2;  // selections in, token_idx out
+    Row("  its CSR part alone, CUDA graph", csr_graph_us, Tbps(csr_bytes, csr_graph_us),
+        csr_bytes / csr_graph_us * 1e6 / ceil.copy_bytes_per_s, "copy bandwidth");
     DeviceBuffer y = RandomDevice(n * kTopk * kHidden, DType::kBF16, 31);
     DeviceBuffer x = RandomDevice(n * kHidden, DType::kF32, 32);
     DeviceBuffer shared = RandomDevice(n * kHidden, DType::kF32, 33);

@@ -923,6 +923,8 @@ ModelConfig MiniRoutingConfig(int64_t num_experts = 256) {
 struct GpuRouting {
   cuda::DeviceRoutingPlanStorage storage;
   RoutingPlan plan;
+  // The CSR part as BuildRoutingPlanCsr left it, before the row pass (split builds only).
+  RoutingPlan csr;
   // Expert-choice rows alone, scopes in row order (cuda::ScopesInRowOrder): then the selection and
   // the uniform offsets of cuda::SelectionPlan.
   bool selection_is_plan = false;
@@ -931,7 +933,7 @@ struct GpuRouting {
 
 void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
                 const std::vector<float>& bias, int64_t num_tokens,
-                const std::vector<SequenceRouting>& sequences, GpuRouting* out) {
+                const std::vector<SequenceRouting>& sequences, GpuRouting* out, bool split = true) {
   const int64_t experts = config.num_experts, topk = config.num_experts_per_tok;
   const ForwardScopes formed = FormRoutingScopes(config, num_tokens, sequences);
   const std::vector<int32_t>& tc_rows = formed.token_choice_rows;
@@ -1000,7 +1002,15 @@ void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
   build.plan = storage->plan();
   build.workspace = d_plan_ws.get();
   build.workspace_bytes = d_plan_ws.size();
-  ASSERT_OK(cuda::BuildRoutingPlan(build, nullptr));
+  if (split) {
+    ASSERT_OK(cuda::BuildRoutingPlanCsr(build, nullptr));
+    absl::StatusOr<RoutingPlan> csr = cuda::DownloadRoutingPlan(storage->plan());
+    ASSERT_TRUE(csr.ok()) << csr.status();
+    out->csr = std::move(*csr);
+    ASSERT_OK(cuda::FinishRoutingPlan(build, nullptr));
+  } else {
+    ASSERT_OK(cuda::BuildRoutingPlan(build, nullptr));
+  }
   absl::StatusOr<RoutingPlan> plan = cuda::DownloadRoutingPlan(storage->plan());
   ASSERT_TRUE(plan.ok()) << plan.status();
   out->plan = std::move(*plan);
@@ -1041,6 +1051,9 @@ TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
   if (HasFatalFailure()) return;
   EXPECT_EQ(got.plan.expert_offsets, want.plan.expert_offsets);
   EXPECT_EQ(got.plan.token_idx, want.plan.token_idx);
+  // What the experts start on, before the row pass has run.
+  EXPECT_EQ(got.csr.expert_offsets, want.plan.expert_offsets);
+  EXPECT_EQ(got.csr.token_idx, want.plan.token_idx);
   EXPECT_TRUE(Close(got.plan.weight, want.plan.weight, kRouterWeightRtol, 0.0, "weights"));
   ASSERT_EQ(got.selection_is_plan, c.selection_is_plan);
   if (got.selection_is_plan) {
@@ -1067,10 +1080,11 @@ TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
     EXPECT_EQ(*assignments, want_assignments);
   }
 
-  // Deterministic: a second build gives the same bits.
+  // Deterministic: a second build, in one call, gives the same bits.
   GpuRouting again;
-  RouteOnGpu(config, logits, bias, num_tokens, sequences, &again);
+  RouteOnGpu(config, logits, bias, num_tokens, sequences, &again, /*split=*/false);
   if (HasFatalFailure()) return;
+  EXPECT_EQ(again.plan.expert_offsets, got.plan.expert_offsets);
   EXPECT_EQ(again.plan.token_idx, got.plan.token_idx);
   EXPECT_EQ(again.plan.weight, got.plan.weight);
 }
@@ -1575,7 +1589,9 @@ TEST_P(AttentionTest, MatchesCpuPerSequence) {
   EXPECT_TRUE(Close(d_out.ToHost(), want, kAttentionRtol, kAttentionAtol));
   EXPECT_TRUE(Close(DownloadBf16(d_out16), want, kBf16Rtol, kAttentionAtol, "bf16-out"));
   const int64_t splits = cuda::AttentionSplits(args);
-  if (c.chunks.size() == 1 && c.heads / c.kv_heads * max_queries <= 64) EXPECT_GT(splits, 1);
+  if (c.chunks.size() == 1 && c.heads / c.kv_heads * max_queries <= 64) {
+    EXPECT_GT(splits, 1);
+  }
   if (splits > 1) {
     DeviceArray<uint8_t> workspace(cuda::AttentionWorkspaceBytes(args));
     args.workspace = workspace.get();

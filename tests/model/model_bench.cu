@@ -4,9 +4,11 @@
 // 1. The routed experts of one MoE layer (hidden 2048, expert width 512, 256 experts, top-8,
 //    BF16 random weights) at N = 32 ... 16384 tokens, from routing given to layer output: device
 //    plan build, the routed experts (MoeExperts), weighted combine (no shared expert, no router).
-//    Expert-choice runs as the model does: the experts start on the selection and the plan build
-//    runs beside them on a side stream (routing_plan.h's SelectionPlan); "plan 1st" is the same
-//    layer with the plan built first, its samples alternating with the other's.
+//    The layer runs as the model runs it: the plan's row pass goes beside the experts on a side
+//    stream, after the CSR part (token-choice), and for expert-choice the experts start on the
+//    selection with all of the plan build beside them (routing_plan.h's SelectionPlan); "plan
+//    1st" is the same layer with the whole plan built first, its samples alternating with the
+//    other's.
 //    Routings: token-choice with uniform and Zipf-skewed (skew 1.0) router logits, expert-choice
 //    with capacity factor 1.0 and 1.25 over one scope of N tokens. The fused path (moe_gemm.h,
 //    no host round trip) is timed as a CUDA graph of 10 layers, median of 20 replays. Beside it,
@@ -240,14 +242,18 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
         uniform_offsets = Upload(UniformExpertOffsets(kExperts, r.ec.scopes.total_capacity));
         selection_plan = SelectionPlan(r.ec, n, kExperts, uniform_offsets.as<int32_t>());
       }
-      // parts: 1 the plan build, 2 also the experts, 3 the whole layer. beside: the plan build
-      // on the side stream, beside the experts (expert-choice, whole layer only).
+      // parts: 1 the plan build, 2 also the experts, 3 the whole layer. beside (whole layer
+      // only), as the model runs it: token-choice builds the plan's CSR part first and its row
+      // pass beside the experts, on the side stream; expert-choice starts the experts on the
+      // selection, all of the build beside them.
       auto layer = [&](Gemm& g, cudaStream_t stream, MoeExpertsPath path, int parts = 3,
                        bool beside = false) {
-        beside = beside && !r.token_choice && parts == 3;
+        beside = beside && parts == 3;
         if (beside) {
+          if (r.token_choice) Check(BuildRoutingPlanCsr(r.plan.args, stream), "plan");
           Check(side->Fork(stream), "fork");
-          Check(BuildRoutingPlan(r.plan.args, side->stream()), "plan");
+          if (!r.token_choice) Check(BuildRoutingPlanCsr(r.plan.args, side->stream()), "plan");
+          Check(FinishRoutingPlan(r.plan.args, side->stream()), "plan");
         } else {
           Check(BuildRoutingPlan(r.plan.args, stream), "plan");
         }
@@ -255,7 +261,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
         if (path == MoeExpertsPath::kCublas) get_offsets(stream);
         MoeExpertsArgs args;
         args.x = x.data();
-        args.plan = beside ? selection_plan : plan;
+        args.plan = beside && !r.token_choice ? selection_plan : plan;
         if (path == MoeExpertsPath::kCublas) args.expert_offsets = offsets;
         args.w13 = w.w13_view;
         args.w2 = w.w2_view;
@@ -275,8 +281,8 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
       }
       // The fused path has no host round trip: it is timed as a CUDA graph, like the issue's
       // reference numbers. The cuBLAS path copies counts back, so it is event-timed.
-      // Expert-choice also times the layer with the plan built before the experts, its samples
-      // alternating with the other's (plan_first_us).
+      // Also the layer with the whole plan built before the experts, its samples alternating with
+      // the other's (plan_first_us).
       double us = 0, plan_first_us = 0;
       if (fused) {
         auto graph_layer = [&](bool beside) {
@@ -284,11 +290,10 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
             layer(**graph_gemm, s, MoeExpertsPath::kAuto, 3, beside);
           };
         };
-        std::vector<std::function<void(cudaStream_t)>> fns = {graph_layer(true)};
-        if (!r.token_choice) fns.push_back(graph_layer(false));
-        const std::vector<double> t = TimeGraphsUs(fns, 20, graph_stream);
+        const std::vector<double> t =
+            TimeGraphsUs({graph_layer(true), graph_layer(false)}, 20, graph_stream);
         us = t[0];
-        plan_first_us = t.back();
+        plan_first_us = t[1];
       } else {
         us = plan_first_us = TimeUs([&](int) { layer(gemm, nullptr, MoeExpertsPath::kAuto); });
       }
@@ -307,7 +312,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
           const double plan_us = graph_of(1), experts_us = graph_of(2) - plan_us;
           std::printf("   plan %.1f, experts %.1f, combine %.1f", plan_us, experts_us,
                       plan_first_us - plan_us - experts_us);
-          if (!r.token_choice) std::printf(" (plan first: %.1f)", plan_first_us);
+          std::printf(" (plan first: %.1f)", plan_first_us);
         }
         std::printf("\n");
         continue;
@@ -368,11 +373,7 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
           m.name, static_cast<long long>(n), static_cast<long long>(r.touched_experts), us,
           bytes / us / 1e6, flop / us / 1e6, 100.0 * floor_us / us, 100.0 * sustained_floor_us / us,
           unfused_us, base_us, 100.0 * floor_us / base_us, base_us / us);
-      if (r.token_choice) {
-        std::printf("\n");
-      } else {
-        std::printf(" %9.1f\n", plan_first_us);
-      }
+      std::printf(" %9.1f\n", plan_first_us);
     }
   }
   graph_gemm->reset();
