@@ -64,9 +64,9 @@ constexpr int kATileBytes = kBM * kRowBytes;
 constexpr int kBTileBytes = kBN * kRowBytes;
 // A tall tile: a full tile plus up to kTallRows of its expert's remainder rows, which the same
 // CTA computes as a swapped product (the B tile's rows as wgmma's 64-row operand, the
-// remainder's rows as its n32 operand), so that a remainder costs a quarter more multiplies on
-// one or two tiles instead of a row tile of its own (see Consume, SplitExpert). The remainder's
-// rows follow the tile's 128 in the stage.
+// remainder's rows as its n8, n16 or n32 operand, the narrowest that holds them), so that a
+// remainder costs at most a quarter more multiplies on one or two tiles instead of a row tile of
+// its own (see Consume, SplitExpert). The remainder's rows follow the tile's 128 in the stage.
 constexpr int kTallRows = 32;
 constexpr int kTallBytes = kTallRows * kRowBytes;
 // The three kernels. Every output tile leaves through shared memory (StagePass), each consumer
@@ -354,19 +354,46 @@ __device__ __forceinline__ void Wgmma256(float (&d)[128], uint64_t desc_a, uint6
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-// D[64 x 32] (+)= A[64 x 16] B[32 x 16]^T: a tall tile's remainder, swapped (A: 64 rows of the
-// B tile, B: the remainder's 32 rows).
-__device__ __forceinline__ void Wgmma32(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
-                                        int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+// D[64 x kN] (+)= A[64 x 16] B[kN x 16]^T, kN = 8, 16 or 32: a tall tile's remainder, swapped
+// (A: 64 rows of the B tile, B: the remainder's first kN rows), in d[0, kN / 2) (the layout of
+// the n32 product's first kN / 2 registers).
+template <int kN>
+__device__ __forceinline__ void WgmmaTall(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                          int scale_d) {
+  if constexpr (kN == 32) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+          "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else if constexpr (kN == 16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7"
+        "}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+          "+f"(d[7])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    static_assert(kN == 8);
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3"
+        "}, %4, %5, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+}
+
+// The swapped product's width for a tall tile's `extra` rows (1..kTallRows).
+__device__ __forceinline__ int TallWidth(int extra) {
+  return extra <= 8 ? 8 : extra <= 16 ? 16 : 32;
 }
 
 template <int kN>
@@ -605,7 +632,8 @@ __device__ __forceinline__ int RemainderRow(int cw, int block) {
 
 // A tall tile's remainder rows, from the swapped accumulators: register 4 j + q of block b holds
 // output column RemainderRow(cw, b) + warp * 16 + lane / 4 + 8 (q / 2) of remainder row
-// 8 j + 2 (lane % 4) + q % 2. Few and scattered: plain 2-byte stores.
+// 8 j + 2 (lane % 4) + q % 2 (registers of rows past the product's width, and so past `extra`,
+// are not read). Few and scattered: plain 2-byte stores.
 template <Kind kKind>
 __device__ __forceinline__ void StoreRemainder(const KernelParams& p, const MoeTile& mt, int nt,
                                                int cw, int warp, int lane,
@@ -685,10 +713,11 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
       }
       return;
     }
-    // The K loop, once with a tall tile's swapped remainder and once without: one loop with the
+    // The K loop, once per width of a tall tile's swapped remainder (0: none): one loop with the
     // remainder's multiplies under a branch made ptxas serialize every wgmma (C7520).
-    auto multiply = [&](auto with_remainder) {
-      constexpr bool kTall = decltype(with_remainder)::value;
+    auto multiply = [&](auto remainder_width) {
+      constexpr int kTallN = decltype(remainder_width)::value;
+      constexpr bool kTall = kTallN > 0;
       // Once the wgmma groups reading `stage` have completed: their accumulators are final for
       // the compiler, and the stage goes back to the producers.
       auto retired = [&](int stage) {
@@ -716,7 +745,7 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
             const uint64_t dw = SmemDesc(sb + RemainderRow<kKind>(cw, b) * kRowBytes);
 #pragma unroll
             for (int kk = 0; kk < kBK / 16; ++kk) {
-              Wgmma32(rem[b], dw + 2 * kk, dr + 2 * kk, kt | kk);
+              WgmmaTall<kTallN>(rem[b], dw + 2 * kk, dr + 2 * kk, kt | kk);
             }
           }
         }
@@ -733,10 +762,19 @@ __device__ __forceinline__ void Consume(const KernelParams& p, uint32_t smem_bas
       asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
       retired(prev_stage);
     };
-    if (tall) {
-      multiply(std::true_type{});
-    } else {
-      multiply(std::false_type{});
+    switch (tall ? TallWidth(mt.rows - kBM) : 0) {
+      case 0:
+        multiply(std::integral_constant<int, 0>{});
+        break;
+      case 8:
+        multiply(std::integral_constant<int, 8>{});
+        break;
+      case 16:
+        multiply(std::integral_constant<int, 16>{});
+        break;
+      default:
+        multiply(std::integral_constant<int, 32>{});
+        break;
     }
 
     const int warp_row0 = cw * 64 + warp * 16;

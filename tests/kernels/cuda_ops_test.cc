@@ -1294,6 +1294,13 @@ MoeCase TallTileCase() {
   c.counts = {129, 160, 161, 270, 400, 40, 0, 128};
   return c;
 }
+// The widths of a tall tile's swapped product (moe_gemm.cu TallWidth): remainders of 8 and 9, 16
+// and 17 rows (experts of 136, 137, 144, 145), beside 1 and 32 (129, 160) and plain tiles.
+MoeCase TallWidthCase() {
+  MoeCase c{400, 8, 512, 256, 0, DType::kBF16, false};
+  c.counts = {136, 137, 144, 145, 129, 160, 128, 50};
+  return c;
+}
 // Tall pairs (moe_gemm.cu SplitExpert: a remainder of 1-64 rows split over a pair of full tiles):
 // 257, 300 and 320 rows (two full tiles and 1, 44, 64 more), 420 (three full tiles and 36: the
 // first two take them), 545 (four and 33); beside them 321 (a remainder of 65 in a tile of its
@@ -1402,7 +1409,8 @@ INSTANTIATE_TEST_SUITE_P(Grid, MoeExpertsTest,
                                            // cluster, and a single last tile split by columns.
                                            MoeCase{1000, 4, 512, 256, 3, DType::kBF16, false},
                                            MoeCase{1200, 16, 1024, 512, 8, DType::kBF16, false},
-                                           TallTileCase(), TallPairCase(), TallFirstCase(),
+                                           TallTileCase(), TallWidthCase(), TallPairCase(),
+                                           TallFirstCase(),
                                            // Every expert 160 rows, like expert-choice with
                                            // capacity factor 1.25 at 4096 tokens.
                                            MoeCase{1280, 8, 1024, 512, 160, DType::kBF16, true}));
@@ -1475,7 +1483,8 @@ TEST_P(FusedMoeRepeatTest, BitIdenticalOnPoisonedWorkspace) {
 INSTANTIATE_TEST_SUITE_P(Grid, FusedMoeRepeatTest,
                          ::testing::Values(MoeCase{3000, 32, 1024, 256, 8, DType::kBF16, false},
                                            MoeCase{600, 8, 768, 384, 4, DType::kBF16, false},
-                                           TallTileCase(), TallPairCase(), TallFirstCase()));
+                                           TallTileCase(), TallWidthCase(), TallPairCase(),
+                                           TallFirstCase()));
 
 // ---------------------------------------------------------------------------------------------
 // Attention over the KV cache, packed batches of chunks
