@@ -201,6 +201,7 @@ GpuModel::~GpuModel() {
     absl::MutexLock lock(&mu_);
     DropGraphs();
   }
+  side_gemm_.reset();
   gemm_.reset();
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
@@ -235,6 +236,7 @@ absl::StatusOr<std::unique_ptr<GpuModel>> GpuModel::Create(const ModelConfig& c,
                                                     cuda::HighestStreamPriority()));
   ASSIGN_OR_RETURN(m->side_, cuda::SideStream::Create());
   ASSIGN_OR_RETURN(m->gemm_, cuda::Gemm::Create(m->stream_));
+  ASSIGN_OR_RETURN(m->side_gemm_, cuda::Gemm::Create(m->side_.stream()));
 
   const auto start = std::chrono::steady_clock::now();
   int64_t uploaded = 0, total = w.embedding.numel() + w.lm_head.numel();
@@ -608,7 +610,7 @@ absl::StatusOr<ForwardOutput> GpuModel::Forward(const ModelConfig& c,
       // MLP or MoE.
       if (!layer.moe) {
         RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.post_attention_norm, nullptr, ws.h));
-        RETURN_IF_ERROR(Mlp(ws, num_tokens, layer.w13, layer.w2, ws.x, 1.0f));
+        RETURN_IF_ERROR(Mlp(*gemm_, ws, num_tokens, layer.w13, layer.w2, ws.x, 1.0f));
       } else {
         RETURN_IF_ERROR(norm(ws.x, num_tokens, layer.post_attention_norm, ws.h_f32, ws.h));
         RETURN_IF_ERROR(MoeBlock(c, layer, l, ws, num_tokens, trace));
@@ -762,16 +764,16 @@ absl::StatusOr<ForwardLaunch> GpuModel::RunLayers(std::vector<int64_t> shape,
   return ForwardLaunch::kCaptured;
 }
 
-absl::Status GpuModel::Mlp(Workspace& ws, int64_t num_tokens, const MatrixView& w13,
-                           const MatrixView& w2, float* out, float beta) {
+absl::Status GpuModel::Mlp(cuda::Gemm& gemm, Workspace& ws, int64_t num_tokens,
+                           const MatrixView& w13, const MatrixView& w2, float* out, float beta) {
   const DType a_dtype = matrix_dtype_;
   RETURN_IF_ERROR(
-      gemm_->Run({a_dtype, ws.h, w13.cols, num_tokens, w13, a_dtype, ws.gate_up, w13.rows, 0.0f}));
+      gemm.Run({a_dtype, ws.h, w13.cols, num_tokens, w13, a_dtype, ws.gate_up, w13.rows, 0.0f}));
   cuda::SwiGluArgs args{a_dtype, ws.gate_up, num_tokens, w13.rows / 2};
   if (a_dtype == DType::kF32) args.out_f32 = static_cast<float*>(ws.act);
   if (a_dtype == DType::kBF16) args.out_bf16 = static_cast<__nv_bfloat16*>(ws.act);
-  RETURN_IF_ERROR(cuda::SwiGlu(args, stream_));
-  return gemm_->Run({a_dtype, ws.act, w2.cols, num_tokens, w2, DType::kF32, out, w2.rows, beta});
+  RETURN_IF_ERROR(cuda::SwiGlu(args, gemm.stream()));
+  return gemm.Run({a_dtype, ws.act, w2.cols, num_tokens, w2, DType::kF32, out, w2.rows, beta});
 }
 
 absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_t l, Workspace& ws,
@@ -779,6 +781,15 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   const DType a_dtype = matrix_dtype_;
   const int64_t hidden = c.hidden_size, experts = c.num_experts, topk = c.num_experts_per_tok;
   const float scale = static_cast<float>(c.routed_scaling_factor);
+  // The shared expert reads only ws.h: it runs on the side stream, beside the router and the
+  // routed experts (its output's one reader is the combine, after the join below).
+  const float* shared = nullptr;
+  if (layer.shared_w13.rows > 0) {
+    RETURN_IF_ERROR(side_.Fork(stream_));
+    RETURN_IF_ERROR(
+        Mlp(*side_gemm_, ws, num_tokens, layer.shared_w13, layer.shared_w2, ws.shared_out, 0.0f));
+    shared = ws.shared_out;
+  }
   // Router logits in full float32: their rounding decides routing.
   RETURN_IF_ERROR(gemm_->Run({DType::kF32, ws.h_f32, hidden, num_tokens, layer.router, DType::kF32,
                               ws.router_logits, experts, 0.0f}));
@@ -838,11 +849,6 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
     }
   }
 
-  const float* shared = nullptr;
-  if (layer.shared_w13.rows > 0) {
-    RETURN_IF_ERROR(Mlp(ws, num_tokens, layer.shared_w13, layer.shared_w2, ws.shared_out, 0.0f));
-    shared = ws.shared_out;
-  }
   cuda::MoeExpertsArgs experts_args;
   experts_args.x = ws.h;
   experts_args.plan = ws.plan_beside ? ws.selection_plan : ws.plan;

@@ -15,11 +15,13 @@
 // metadata copy and the final copies waits for the host. The cuBLAS experts path takes per-expert
 // counts on the host, so there an MoE layer with token-choice rows waits for its plan's offsets
 // (a 1 KB copy); an expert-choice-only layer does not (every expert takes the same count, known
-// on the host). Everything is queued on one stream (created at the device's highest priority),
-// except in an expert-choice-only MoE layer whose scopes come in row order: there the routed
-// experts start on the selection itself (routing_plan.h's SelectionPlan) while the plan build
-// and the load counters run beside them on a lower-priority side stream (side_stream.h), joined
-// before the combine. At the end the logits or proposals and the load counters are copied back.
+// on the host). Work is queued on one stream (created at the device's highest priority), except
+// in an MoE layer, where a lower-priority side stream (side_stream.h), joined before the combine,
+// runs the shared expert from the layer's start and the plan's row pass and the load counters
+// once the plan's CSR part (what the routed experts read) is built; in an expert-choice-only
+// layer whose scopes come in row order the routed experts start on the selection itself
+// (routing_plan.h's SelectionPlan), and all of the plan build goes to the side stream. At the
+// end the logits or proposals and the load counters are copied back.
 //
 // CUDA graphs (with the fused experts, no trace): the device work from the embedding through the
 // last layer takes everything it needs from the host as kernel arguments fixed by the batch's
@@ -86,9 +88,9 @@ class GpuModel {
   struct Workspace;
   GpuModel() = default;
 
-  // out[num_tokens, hidden_size] = beta * out + W2 · swiglu(W13 · ws.h)
-  absl::Status Mlp(Workspace& ws, int64_t num_tokens, const MatrixView& w13, const MatrixView& w2,
-                   float* out, float beta);
+  // out[num_tokens, hidden_size] = beta * out + W2 · swiglu(W13 · ws.h), on gemm.stream()
+  absl::Status Mlp(cuda::Gemm& gemm, Workspace& ws, int64_t num_tokens, const MatrixView& w13,
+                   const MatrixView& w2, float* out, float beta);
   absl::Status MoeBlock(const ModelConfig& config, const Layer& layer, int64_t layer_idx,
                         Workspace& ws, int64_t num_tokens, ForwardTrace* trace);
 
@@ -111,8 +113,9 @@ class GpuModel {
   absl::Mutex mu_;  // one Forward at a time: the members below are its working state
   DType matrix_dtype_ = DType::kBF16;
   cudaStream_t stream_ = nullptr;
-  cuda::SideStream side_;  // the plan build beside the experts
-  std::unique_ptr<cuda::Gemm> gemm_;
+  cuda::SideStream side_;  // the shared expert and the plan's row pass beside the routed experts
+  std::unique_ptr<cuda::Gemm> gemm_;         // on stream_
+  std::unique_ptr<cuda::Gemm> side_gemm_;    // on side_.stream()
   std::vector<cuda::DeviceBuffer> tensors_;  // every weight tensor's device memory
   int64_t weight_bytes_ = 0;
   MatrixView embedding_;
