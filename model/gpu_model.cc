@@ -123,6 +123,33 @@ void StoreLayerStats(int64_t layer, LayerRouting routed, ForwardOutput* out) {
   }
 }
 
+// An MoE block's forks of the side stream, joined into `main` at Join, or when the block
+// returns early with an error: no side work then outlives the failed forward (whose caller waits
+// for `main`), and a capture still ends joined.
+class SideWork {
+ public:
+  SideWork(cuda::SideStream& side, cudaStream_t main) : side_(side), main_(main) {}
+  SideWork(const SideWork&) = delete;
+  SideWork& operator=(const SideWork&) = delete;
+  ~SideWork() {
+    if (forked_) side_.Join(main_).IgnoreError();
+  }
+  absl::Status Fork() {
+    RETURN_IF_ERROR(side_.Fork(main_));
+    forked_ = true;
+    return absl::OkStatus();
+  }
+  absl::Status Join() {
+    forked_ = false;
+    return side_.Join(main_);
+  }
+
+ private:
+  cuda::SideStream& side_;
+  cudaStream_t main_;
+  bool forked_ = false;
+};
+
 }  // namespace
 
 struct GpuModel::Layer {
@@ -783,9 +810,10 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   const float scale = static_cast<float>(c.routed_scaling_factor);
   // The shared expert reads only ws.h: it runs on the side stream, beside the router and the
   // routed experts (its output's one reader is the combine, after the join below).
+  SideWork side_work(side_, stream_);
   const float* shared = nullptr;
   if (layer.shared_w13.rows > 0) {
-    RETURN_IF_ERROR(side_.Fork(stream_));
+    RETURN_IF_ERROR(side_work.Fork());
     RETURN_IF_ERROR(
         Mlp(*side_gemm_, ws, num_tokens, layer.shared_w13, layer.shared_w2, ws.shared_out, 0.0f));
     shared = ws.shared_out;
@@ -824,7 +852,7 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   build.workspace = ws.plan_workspace;
   build.workspace_bytes = ws.plan_workspace_bytes;
   if (!ws.plan_beside) RETURN_IF_ERROR(cuda::BuildRoutingPlanCsr(build, stream_));
-  RETURN_IF_ERROR(side_.Fork(stream_));
+  RETURN_IF_ERROR(side_work.Fork());
   if (ws.plan_beside) RETURN_IF_ERROR(cuda::BuildRoutingPlanCsr(build, side_.stream()));
   RETURN_IF_ERROR(cuda::FinishRoutingPlan(build, side_.stream()));
   RETURN_IF_ERROR(cuda::RoutingLoadCounts({ws.plan, ws.row_mode, ws.load + l * ws.load_stride,
@@ -859,7 +887,7 @@ absl::Status GpuModel::MoeBlock(const ModelConfig& c, const Layer& layer, int64_
   experts_args.workspace = ws.experts_workspace;
   experts_args.workspace_bytes = ws.experts_workspace_bytes;
   RETURN_IF_ERROR(cuda::MoeExperts(*gemm_, experts_args));
-  RETURN_IF_ERROR(side_.Join(stream_));
+  RETURN_IF_ERROR(side_work.Join());
   RETURN_IF_ERROR(
       cuda::Combine({ws.plan, a_dtype, ws.expert_out, shared, ws.x, ws.x, hidden}, stream_));
 
