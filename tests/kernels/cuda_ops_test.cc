@@ -931,9 +931,12 @@ struct GpuRouting {
   std::vector<int32_t> selected, uniform_offsets;
 };
 
+// implicit_rows: when every row is token-choice, no row list (rows [0, num_tokens)); otherwise
+// the list.
 void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
                 const std::vector<float>& bias, int64_t num_tokens,
-                const std::vector<SequenceRouting>& sequences, GpuRouting* out, bool split = true) {
+                const std::vector<SequenceRouting>& sequences, GpuRouting* out, bool split,
+                bool implicit_rows) {
   const int64_t experts = config.num_experts, topk = config.num_experts_per_tok;
   const ForwardScopes formed = FormRoutingScopes(config, num_tokens, sequences);
   const std::vector<int32_t>& tc_rows = formed.token_choice_rows;
@@ -947,6 +950,7 @@ void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
   DeviceArray<float> d_logits(logits), d_bias(bias);
   DeviceArray<int32_t> d_tc_rows(tc_rows);
   const int64_t num_tc = static_cast<int64_t>(tc_rows.size());
+  const int32_t* rows = implicit_rows && num_tc == num_tokens ? nullptr : d_tc_rows.get();
   DeviceArray<int32_t> d_topk_idx(std::max<int64_t>(1, num_tc * topk));
   DeviceArray<float> d_topk_weight(std::max<int64_t>(1, num_tc * topk));
   const cpu::TokenChoiceParams tp{experts,
@@ -955,12 +959,10 @@ void RouteOnGpu(const ModelConfig& config, const std::vector<float>& logits,
                                   config.topk_group,
                                   config.norm_topk_prob,
                                   static_cast<float>(config.routed_scaling_factor)};
-  ASSERT_OK(cuda::TokenChoiceRoute(tp,
-                                   {d_logits.get(), d_bias.get(), d_tc_rows.get(), num_tc,
-                                    d_topk_idx.get(), d_topk_weight.get()},
-                                   nullptr));
-  cuda::TokenChoiceSelections tc{d_tc_rows.get(), num_tc, topk, d_topk_idx.get(),
-                                 d_topk_weight.get()};
+  ASSERT_OK(cuda::TokenChoiceRoute(
+      tp, {d_logits.get(), d_bias.get(), rows, num_tc, d_topk_idx.get(), d_topk_weight.get()},
+      nullptr));
+  cuda::TokenChoiceSelections tc{rows, num_tc, topk, d_topk_idx.get(), d_topk_weight.get()};
 
   DeviceScopes d_scopes;
   UploadScopes(scopes, /*identity_rows=*/false, &d_scopes);
@@ -1047,7 +1049,8 @@ TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
   const LayerRouting want =
       RouteMoeLayer(config, logits.data(), bias.data(), num_tokens, sequences);
   GpuRouting got;
-  RouteOnGpu(config, logits, bias, num_tokens, sequences, &got);
+  RouteOnGpu(config, logits, bias, num_tokens, sequences, &got, /*split=*/true,
+             /*implicit_rows=*/true);
   if (HasFatalFailure()) return;
   EXPECT_EQ(got.plan.expert_offsets, want.plan.expert_offsets);
   EXPECT_EQ(got.plan.token_idx, want.plan.token_idx);
@@ -1080,9 +1083,11 @@ TEST_P(RoutingPlanTest, EqualsRouteMoeLayer) {
     EXPECT_EQ(*assignments, want_assignments);
   }
 
-  // Deterministic: a second build, in one call, gives the same bits.
+  // Deterministic: a second build, in one call, gives the same bits (for token-choice rows alone,
+  // from the row list).
   GpuRouting again;
-  RouteOnGpu(config, logits, bias, num_tokens, sequences, &again, /*split=*/false);
+  RouteOnGpu(config, logits, bias, num_tokens, sequences, &again, /*split=*/false,
+             /*implicit_rows=*/false);
   if (HasFatalFailure()) return;
   EXPECT_EQ(again.plan.expert_offsets, got.plan.expert_offsets);
   EXPECT_EQ(again.plan.token_idx, got.plan.token_idx);
@@ -1117,6 +1122,10 @@ INSTANTIATE_TEST_SUITE_P(
       cases.push_back({"one_token_tc", {1}, {Tc()}, false});
       cases.push_back({"one_token_ec", {1}, {ec_req}, false, 256, true});
       cases.push_back({"all_tc", {37, 32, 100}, {Tc(), Tc(), Tc()}, false});
+      // Token-choice rows alone, built with no row list (rows [0, N), as model_bench routes)
+      // and, in the test's second build, with the list.
+      cases.push_back({"all_tc_ties", {37, 32, 100}, {Tc(), Tc(), Tc()}, true});
+      cases.push_back({"all_tc_4096", {4096}, {Tc()}, false});
       cases.push_back({"all_ec_request", {32, 70, 5}, {ec_req, ec_raw, ec_req}, false, 256, true});
       cases.push_back({"all_ec_request_then_batch",
                        {32, 70, 50, 20},

@@ -30,10 +30,13 @@
 //
 // Usage: model_bench [--config model/configs/LLaDA2.0-mini-preview.json] [--layer-only]
 //                    [--forward-only] [--sizes 32,256,1024,4096,16384] [--blocks 1,8,32,64]
-//                    [--no-baselines] [--profile]
+//                    [--no-baselines] [--profile] [--plan-variants]
 // --sizes picks the layer's token counts; --no-baselines times the fused layer alone and, by CUDA
 // graphs of its first parts, the plan build, the experts and the combine (quick comparisons);
 // --profile runs each layer once, untimed, and nothing else (for ncu: one launch per kernel);
+// --plan-variants times, alternating, the layer as the model runs it, with the whole plan first,
+// with the CSR part alone (token-choice; no row pass, no side stream) and with no plan build (the
+// plan built before the graph; the combine then reads that plan): what the plan costs the layer;
 // --forward-only runs part 3 alone, --blocks picks its batch sizes; part 3 brackets its timed
 // forwards with graphs by cudaProfilerStart / Stop (for nsys or ncu capture ranges).
 #include <cuda_bf16.h>
@@ -168,7 +171,7 @@ std::unique_ptr<Routed> Route(int64_t n, bool token_choice, double skew, double 
 
 // profile: run each layer once, untimed, for a profiler (ncu) to see its kernels.
 void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>& sizes,
-                   bool baselines, bool profile) {
+                   bool baselines, bool profile, bool plan_variants) {
   LayerWeights w;
   w.w13 = RandomDevice(kExperts * 2 * kWidth * kHidden, DType::kBF16, 11, 0.03f);
   w.w2 = RandomDevice(kExperts * kHidden * kWidth, DType::kBF16, 12, 0.03f);
@@ -242,26 +245,32 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
         uniform_offsets = Upload(UniformExpertOffsets(kExperts, r.ec.scopes.total_capacity));
         selection_plan = SelectionPlan(r.ec, n, kExperts, uniform_offsets.as<int32_t>());
       }
-      // parts: 1 the plan build, 2 also the experts, 3 the whole layer. beside (whole layer
-      // only), as the model runs it: token-choice builds the plan's CSR part first and its row
-      // pass beside the experts, on the side stream; expert-choice starts the experts on the
-      // selection, all of the build beside them.
+      // parts: 1 the plan build, 2 also the experts, 3 the whole layer. Where the whole layer
+      // builds its plan: kBeside as the model runs it (token-choice builds the plan's CSR part
+      // first and its row pass beside the experts, on the side stream; expert-choice starts the
+      // experts on the selection, all of the build beside them); kFirst all of it before the
+      // experts; kCsrOnly the CSR part alone (token-choice), no row pass and no side work; kNone
+      // no build (the plan Route built).
+      enum class PlanAt { kBeside, kFirst, kCsrOnly, kNone };
       auto layer = [&](Gemm& g, cudaStream_t stream, MoeExpertsPath path, int parts = 3,
-                       bool beside = false) {
-        beside = beside && parts == 3;
+                       PlanAt at = PlanAt::kFirst) {
+        if (parts < 3) at = PlanAt::kFirst;
+        const bool beside = at == PlanAt::kBeside;
         if (beside) {
           if (r.token_choice) Check(BuildRoutingPlanCsr(r.plan.args, stream), "plan");
           Check(side->Fork(stream), "fork");
           if (!r.token_choice) Check(BuildRoutingPlanCsr(r.plan.args, side->stream()), "plan");
           Check(FinishRoutingPlan(r.plan.args, side->stream()), "plan");
-        } else {
+        } else if (at == PlanAt::kFirst) {
           Check(BuildRoutingPlan(r.plan.args, stream), "plan");
+        } else if (at == PlanAt::kCsrOnly && r.token_choice) {
+          Check(BuildRoutingPlanCsr(r.plan.args, stream), "plan");
         }
         if (parts == 1) return;
         if (path == MoeExpertsPath::kCublas) get_offsets(stream);
         MoeExpertsArgs args;
         args.x = x.data();
-        args.plan = beside && !r.token_choice ? selection_plan : plan;
+        args.plan = at != PlanAt::kFirst && !r.token_choice ? selection_plan : plan;
         if (path == MoeExpertsPath::kCublas) args.expert_offsets = offsets;
         args.w13 = w.w13_view;
         args.w2 = w.w2_view;
@@ -285,13 +294,22 @@ void BenchMoeLayer(Gemm& gemm, const Ceilings& ceil, const std::vector<int64_t>&
       // the other's (plan_first_us).
       double us = 0, plan_first_us = 0;
       if (fused) {
-        auto graph_layer = [&](bool beside) {
-          return [&, beside](cudaStream_t s) {
-            layer(**graph_gemm, s, MoeExpertsPath::kAuto, 3, beside);
-          };
+        auto graph_layer = [&](PlanAt at) {
+          return [&, at](cudaStream_t s) { layer(**graph_gemm, s, MoeExpertsPath::kAuto, 3, at); };
         };
-        const std::vector<double> t =
-            TimeGraphsUs({graph_layer(true), graph_layer(false)}, 20, graph_stream);
+        if (plan_variants) {
+          const std::vector<double> t =
+              TimeGraphsUs({graph_layer(PlanAt::kBeside), graph_layer(PlanAt::kFirst),
+                            graph_layer(PlanAt::kCsrOnly), graph_layer(PlanAt::kNone)},
+                           20, graph_stream);
+          std::printf(
+              "%-24s %6lld  as the model %.1f, plan first %.1f, CSR part only %.1f, "
+              "no plan build %.1f\n",
+              m.name, static_cast<long long>(n), t[0], t[1], t[2], t[3]);
+          continue;
+        }
+        const std::vector<double> t = TimeGraphsUs(
+            {graph_layer(PlanAt::kBeside), graph_layer(PlanAt::kFirst)}, 20, graph_stream);
         us = t[0];
         plan_first_us = t[1];
       } else {
@@ -515,7 +533,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::string config = "model/configs/LLaDA2.0-mini-preview.json";
-  bool layer_only = false, forward_only = false, baselines = true, profile = false;
+  bool layer_only = false, forward_only = false, baselines = true, profile = false,
+       plan_variants = false;
   std::vector<int64_t> sizes = {32, 256, 1024, 4096, 16384}, blocks = {1, 8, 32, 64};
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--config") == 0 && i + 1 < argc) config = argv[++i];
@@ -523,6 +542,7 @@ int main(int argc, char** argv) {
     if (std::strcmp(argv[i], "--forward-only") == 0) forward_only = true;
     if (std::strcmp(argv[i], "--no-baselines") == 0) baselines = false;
     if (std::strcmp(argv[i], "--profile") == 0) profile = layer_only = true;
+    if (std::strcmp(argv[i], "--plan-variants") == 0) plan_variants = layer_only = true;
     for (auto [flag, list] : {std::pair{"--sizes", &sizes}, std::pair{"--blocks", &blocks}}) {
       if (std::strcmp(argv[i], flag) != 0 || i + 1 >= argc) continue;
       list->clear();
@@ -545,7 +565,7 @@ int main(int argc, char** argv) {
     absl::StatusOr<std::unique_ptr<Gemm>> gemm = Gemm::Create(nullptr);
     Check(gemm.status(), "gemm");
     const Ceilings ceil = profile ? Ceilings{} : MeasureCeilings(**gemm);
-    BenchMoeLayer(**gemm, ceil, sizes, baselines, profile);
+    BenchMoeLayer(**gemm, ceil, sizes, baselines, profile, plan_variants);
   }
   if (!layer_only) BenchForward(config, blocks);
   return 0;
