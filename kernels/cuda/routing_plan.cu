@@ -345,7 +345,7 @@ __global__ void RowPassKernel(RowPassParams p) {
     // The scores s = RouterSigmoid(logit) of the row's selected experts and their weights. With
     // at most 32 selected (nearly every row) their logits are first gathered into lanes 0.. in
     // ascending expert order, so that the warp evaluates RouterSigmoid (a double-precision exp)
-    // and the weight's division once for the row (EC row pass at N = 16384 42-44 -> 33-35 us under
+    // and the weight's division once for the row (EC row pass at N = 16384 42-44 -> 31-32 us under
     // ncu); otherwise once per chunk of 32 experts, in each walk.
     const int num_selected = row_count[t];
     const bool gathered = num_selected <= kWarpSize;
