@@ -1120,6 +1120,9 @@ INSTANTIATE_TEST_SUITE_P(
           Ec(0.5, RoutingScope::kBatch, ExpertChoiceWeighting::kRaw);
       std::vector<PlanCase> cases;
       cases.push_back({"one_token_tc", {1}, {Tc()}, false});
+      // Every expert selects the one token: 256 selected experts in its row, past the 32 that
+      // the row pass gathers into lanes (its per-chunk path; a 5-token scope below, about 51 a row,
+      // too); scopes of 32 rows at cf 1.25 select 16 a row (the gathered path).
       cases.push_back({"one_token_ec", {1}, {ec_req}, false, 256, true});
       cases.push_back({"all_tc", {37, 32, 100}, {Tc(), Tc(), Tc()}, false});
       // Token-choice rows alone, built with no row list (rows [0, N), as model_bench routes)
